@@ -1,0 +1,221 @@
+"""The ``prunescope`` command line: one sub-command per stage, all thin wrappers over ``core``.
+
+Every :class:`core.errors.PrunescopeError` becomes one line on stderr (``error: ...``) and a
+non-zero exit code; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from core.errors import ConfigError, PrunescopeError
+
+app = typer.Typer(
+    name="prunescope",
+    help="Curate image-text data: concept clusters, pruning, train-test similarity, robustness.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+datasets_app = typer.Typer(help="Register, list and inspect datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option("--workspace", "-w", help="workspace folder [env PRUNESCOPE_WORKSPACE; default data/workspace]"),
+]
+
+
+def _ws(path: Path | None, *, create: bool = True):  # -> Workspace (lazy import keeps --help fast)
+    from core.workspace import Workspace
+
+    return Workspace(path, create=create)
+
+
+def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values are parsed as JSON when they parse (numbers, booleans), else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"option {pair!r} must look like key=value")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _print_table(df: Any) -> None:
+    if df.empty:
+        typer.echo("(none)")
+        return
+    typer.echo(df.to_string(index=False))
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO level")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def init(workspace: WorkspaceOpt = None) -> None:
+    """Create (or migrate) a workspace."""
+    ws = _ws(workspace)
+    typer.echo(f"workspace {ws.root} ready (schema version {ws.catalog.version()})")
+
+
+@app.command()
+def version() -> None:
+    """Print the prunescope version."""
+    from importlib.metadata import version as _v
+
+    typer.echo(_v("prunescope"))
+
+
+@datasets_app.command("add")
+def datasets_add(
+    name: Annotated[str, typer.Argument(help="dataset name (letters, digits, _ . -)")],
+    kind: Annotated[str, typer.Argument(help="source kind; see `prunescope datasets kinds`")],
+    uri: Annotated[Path, typer.Argument(help="folder or file of the source")],
+    role: Annotated[str, typer.Option(help="pool | benchmark | reference")] = "pool",
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="reader option key=value (repeatable)")] = None,
+    replace: Annotated[bool, typer.Option(help="re-register a dataset of the same name")] = False,
+    verify: Annotated[bool, typer.Option(help="decode every image to find corrupt ones")] = True,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Scan a source and register it as a dataset (the source itself is never modified)."""
+    from core.datasets import register_dataset
+
+    ws = _ws(workspace)
+    info = register_dataset(ws, name, kind, uri, role=role, options=_parse_options(option), replace=replace,
+                            verify=verify, progress=sys.stderr.isatty())
+    typer.echo(f"registered {info.name} ({info.kind}, {info.role}): {info.n_samples} samples; {info.report.summary()}")
+
+
+@datasets_app.command("list")
+def datasets_list(workspace: WorkspaceOpt = None) -> None:
+    """List registered datasets with counts and skips."""
+    from core.datasets import list_datasets
+
+    _print_table(list_datasets(_ws(workspace)).drop(columns=["created_at"]))
+
+
+@datasets_app.command("show")
+def datasets_show(name: str, workspace: WorkspaceOpt = None) -> None:
+    """Show one dataset: its catalog row, what was skipped or repaired, and a few samples."""
+    from core.datasets import dataset_issues, dataset_row, open_dataset
+
+    ws = _ws(workspace)
+    row = dataset_row(ws, name)
+    for key, value in row.items():
+        typer.echo(f"{key:>13}: {value}")
+    typer.echo("\nissues:")
+    _print_table(dataset_issues(ws, name))
+    typer.echo("\nfirst samples:")
+    cols = [c for c in ("id", "caption", "label", "class_name") if c in open_dataset(ws, name).index]
+    _print_table(open_dataset(ws, name).index[cols].head(5))
+
+
+@datasets_app.command("remove")
+def datasets_remove(name: str, workspace: WorkspaceOpt = None) -> None:
+    """Forget a dataset (its index and catalog rows); source files are untouched."""
+    from core.datasets import remove_dataset
+
+    remove_dataset(_ws(workspace), name)
+    typer.echo(f"removed {name}")
+
+
+@datasets_app.command("kinds")
+def datasets_kinds() -> None:
+    """List the source kinds and their options."""
+    from core.sources import SOURCES
+
+    for entry in SOURCES:
+        typer.echo(f"{entry.name}: {entry.summary}")
+        for p in entry.params:
+            typer.echo(f"    {p.name} ({p.kind}, default {p.default!r}): {p.help}")
+
+
+@app.command()
+def sql(query: str, workspace: WorkspaceOpt = None) -> None:
+    """Run a read-only SQL query against the catalog and print the result."""
+    ws = _ws(workspace, create=False)
+    ws.catalog.check_version()
+    import duckdb
+
+    try:
+        df = ws.catalog.query(query)
+    except duckdb.Error as exc:
+        raise ConfigError(f"SQL failed: {str(exc).splitlines()[0]}") from None
+    _print_table(df)
+
+
+@app.command()
+def demo(
+    workspace: WorkspaceOpt = None,
+    size: Annotated[str, typer.Option(help="tiny | small | full")] = "small",
+    seed: Annotated[int, typer.Option(help="seed of the demo world")] = 0,
+) -> None:
+    """Build the demo world into the workspace and run every stage on it (idempotent, resumable)."""
+    from core.demo.pipeline import run_demo
+
+    ws = _ws(workspace)
+    summary = run_demo(ws, size=size, seed=seed, progress=sys.stderr.isatty())
+    for line in summary:
+        typer.echo(line)
+
+
+@app.command()
+def serve(
+    workspace: WorkspaceOpt = None,
+    address: Annotated[str, typer.Option(help="address to bind; 127.0.0.1 keeps it local")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8501,
+) -> None:
+    """Serve the dashboard (binds to 127.0.0.1 unless told otherwise)."""
+    ws = _ws(workspace)
+    app_path = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    if not app_path.exists():
+        raise PrunescopeError(f"dashboard entry point {app_path} not found (is prunescope installed from a checkout?)")
+    env = dict(os.environ, PRUNESCOPE_WORKSPACE=str(ws.root))
+    args = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", address,
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    typer.echo(f"serving {ws.root} on http://{address}:{port}")
+    raise typer.Exit(subprocess.call(args, env=env))
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning PrunescopeError into one line + exit code."""
+    try:
+        app(standalone_mode=False)
+    except PrunescopeError as exc:
+        typer.echo(f"error: {exc.one_line()}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""DuckDB catalog with numbered SQL migrations and lock-tolerant, short-lived connections.
+
+DuckDB lets one process hold the file while anyone writes (ENV.md): a second process's connect fails
+with ``IOException: Could not set lock on file``. So every access here opens a connection, does its
+work and closes it, and a lock error is retried with exponential backoff and jitter until
+``lock_timeout`` seconds have passed (then :class:`CatalogLocked`).
+
+Migrations are ``core/store/migrations/NNN_name.sql``; the ``schema_version`` table records each one
+applied. A catalog whose version is newer than this code knows raises :class:`SchemaTooNew` and is
+never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from core.errors import CatalogError, CatalogLocked, SchemaTooNew
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_LOCK_MARKERS = ("could not set lock", "conflicting lock", "database is locked", "lock on file")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    """The migrations shipped with the package, in version order (gaps are an error)."""
+    folder = resources.files("core.store") / "migrations"
+    found = []
+    for item in folder.iterdir():
+        m = _MIGRATION_RE.match(item.name)
+        if m:
+            found.append(Migration(int(m.group(1)), item.name, item.read_text(encoding="utf-8")))
+    found.sort(key=lambda mig: mig.version)
+    for expected, mig in enumerate(found, start=1):
+        if mig.version != expected:
+            raise RuntimeError(f"migration numbers must run 1..n without gaps; found {mig.name}")
+    return found
+
+
+SCHEMA_VERSION = len(load_migrations())
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.Error) and any(s in str(exc).lower() for s in _LOCK_MARKERS)
+
+
+def utcnow() -> datetime:
+    """Naive UTC timestamp, the form stored in TIMESTAMP columns."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Catalog:
+    """The workspace's ``catalog.duckdb``.
+
+    Args:
+        path: the database file.
+        lock_timeout: seconds to keep retrying when another process holds the lock.
+    """
+
+    def __init__(self, path: str | Path, *, lock_timeout: float = 60.0) -> None:
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+
+    # -- connections -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection, retried with backoff while the file is locked.
+
+        Read-write connections run inside one transaction, committed on success and rolled back on
+        error, so a failed write leaves the catalog as it was.
+        """
+        if read_only and not self.path.exists():
+            raise CatalogError(
+                f"no catalog at {self.path}", hint="run `prunescope init` or `prunescope demo` first"
+            )
+        con = self._open(read_only)
+        try:
+            if read_only:
+                yield con
+            else:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    yield con
+                except BaseException:
+                    with contextlib.suppress(duckdb.Error):
+                        con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+        finally:
+            con.close()
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.02
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as exc:
+                if not is_lock_error(exc):
+                    raise CatalogError(f"cannot open catalog {self.path}: {_first_line(exc)}") from exc
+                if time.monotonic() >= deadline:
+                    raise CatalogLocked(
+                        f"catalog {self.path} stayed locked for {self.lock_timeout:.0f} s",
+                        hint="another prunescope process is writing; wait for it or stop it",
+                    ) from exc
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
+
+    # -- schema ------------------------------------------------------------------------------------
+    def version(self) -> int:
+        """The applied schema version (0 for a new or empty file)."""
+        if not self.path.exists():
+            return 0
+        with self.connect(read_only=True) as con:
+            return _read_version(con)
+
+    def migrate(self) -> int:
+        """Apply every pending migration in one transaction; returns the resulting version."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        migrations = load_migrations()
+        with self.connect() as con:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP)"
+            )
+            current = _read_version(con)
+            if current > len(migrations):
+                raise SchemaTooNew(
+                    f"catalog {self.path} has schema version {current}, newer than this prunescope "
+                    f"knows ({len(migrations)})",
+                    hint="upgrade prunescope, or point --workspace at another folder",
+                )
+            for mig in migrations[current:]:
+                log.info("applying catalog migration %s", mig.name)
+                con.execute(mig.sql)
+                con.execute("INSERT INTO schema_version VALUES (?, ?, ?)", [mig.version, mig.name, utcnow()])
+            return len(migrations)
+
+    def check_version(self) -> None:
+        """Raise SchemaTooNew / CatalogError when this code cannot read the catalog."""
+        current = self.version()
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"catalog {self.path} has schema version {current}, newer than this prunescope "
+                f"knows ({SCHEMA_VERSION})",
+                hint="upgrade prunescope, or point --workspace at another folder",
+            )
+        if current < SCHEMA_VERSION:
+            raise CatalogError(
+                f"catalog {self.path} has schema version {current}; this prunescope needs {SCHEMA_VERSION}",
+                hint="run any prunescope command that writes (e.g. `prunescope init`) to migrate it",
+            )
+
+    # -- convenience -------------------------------------------------------------------------------
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Run a read-only query and return a DataFrame."""
+        with self.connect(read_only=True) as con:
+            return con.execute(sql, params or []).df()
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
+        """Run one write statement in its own transaction."""
+        with self.connect() as con:
+            con.execute(sql, params or [])
+
+    def insert(self, table: str, rows: Sequence[Mapping[str, Any]], *, replace_where: str | None = None,
+               replace_params: Sequence[Any] | None = None) -> int:
+        """Insert rows (dicts with the same keys) into ``table`` in one transaction.
+
+        ``replace_where`` (SQL with ``?`` placeholders) deletes the rows it matches first, in the
+        same transaction, so a re-registration replaces its old rows atomically.
+        """
+        _check_identifier(table)
+        with self.connect() as con:
+            if replace_where:
+                con.execute(f"DELETE FROM {table} WHERE {replace_where}", list(replace_params or []))
+            if not rows:
+                return 0
+            cols = list(rows[0])
+            for col in cols:
+                _check_identifier(col)
+            placeholders = ", ".join("?" for _ in cols)
+            con.executemany(
+                f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({placeholders})",
+                [[row[c] for c in cols] for row in rows],
+            )
+        return len(rows)
+
+
+def _read_version(con: duckdb.DuckDBPyConnection) -> int:
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+    ).fetchone()
+    if not exists or not exists[0]:
+        return 0
+    row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def _check_identifier(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"not a plain SQL identifier: {name!r}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
