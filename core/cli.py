@@ -194,27 +194,18 @@ def serve(
 
 
 def main() -> None:
-    """Console-script entry point: run the app, turning PrunescopeError into one line + exit code."""
+    """Console-script entry point: run the app, turning PrunescopeError into one line + exit code.
+
+    Usage errors (missing arguments, bad flags) are handled by Typer itself (exit code 2).
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except PrunescopeError as exc:
         typer.echo(f"error: {exc.one_line()}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Only whole-dataset problems (missing root, missing columns, nothing readable) ra
 from __future__ import annotations
 
 import io
+import os
+import re
 import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -25,7 +27,9 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from core.errors import PathOutsideWorkspace
 from core.registry import ParamSpec, Registry
+from core.workspace import safe_join
 
 #: Columns every index has (``offset``/``size`` locate a member inside a tar; null otherwise).
 INDEX_COLUMNS = ("id", "locator", "offset", "size", "caption", "label")
@@ -39,7 +43,7 @@ SKIP_REASONS = {
     "unsupported_image": "not an image format PIL reads",
     "missing_file": "a listed file does not exist",
     "broken_tar_member": "a tar member cannot be read (truncated or corrupt archive)",
-    "missing_image": "a webdataset sample has no image member",
+    "missing_image": "the sample has no image (no image member in its webdataset group, no path, no url)",
     "duplicate_id": "the id was already seen; the later entry is skipped",
     "missing_value": "a required column is null in this row",
     "caption_not_utf8": "caption bytes were not UTF-8; decoded with replacement characters",
@@ -47,10 +51,15 @@ SKIP_REASONS = {
     "unreadable_file": "a file could not be read (permissions or I/O error)",
     "bad_label": "the label is not a known class",
     "bad_metadata": "sample metadata (json) does not parse",
+    "remote_image": "the image is only a URL; download it first, e.g. with img2dataset",
+    "path_outside_root": "the path leaves the dataset root (a '..' part, an absolute path, or a symlink out)",
+    "file_too_large": "a file or tar member is larger than max_bytes",
 }
 
 #: Default decompression-bomb limit (pixels); PIL's own default is 89,478,485.
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Default limit on the bytes of one image file or tar member (read whole into memory).
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 SOURCES: Registry[type[Source]] = Registry("data source")
@@ -171,8 +180,10 @@ class Source(ABC):
     """
 
     kind: ClassVar[str]
-    #: Whether samples carry images that :meth:`load_image` can open (False for LAION embeddings).
-    has_images: ClassVar[bool] = True
+    #: Whether samples carry images that :meth:`load_image` can open. A class states what its kind
+    #: can hold; a scan may set it False on the instance (a URL-only parquet, LAION embeddings
+    #: without local images), and registration stores the scanned value for :class:`Dataset`.
+    has_images: bool = True
 
     def __init__(self, root: Path, **options: Any) -> None:
         self.root = Path(root)
@@ -183,20 +194,99 @@ class Source(ABC):
         """Yield one index row per readable sample (INDEX_COLUMNS + extras), counting skips in report.
 
         ``verify`` decodes (cheaply) every image to find corrupt ones; without it only existence
-        and headers are checked. Raises DataError for problems of the whole dataset.
+        (and size) is checked. Rows are yielded as they are read: a source never holds a whole
+        dataset's images. Raises DataError for problems of the whole dataset.
         """
 
     @abstractmethod
     def read_bytes(self, row: Mapping[str, Any]) -> bytes:
-        """The raw image bytes of one index row; raises SampleError."""
+        """The raw image bytes of one index row; raises SampleError (PathOutsideWorkspace for escapes)."""
 
     def load_image(self, row: Mapping[str, Any]) -> Image.Image:
         """The RGB image of one index row; raises SampleError (reason says why)."""
-        return open_image_bytes(self.read_bytes(row), max_pixels=self.options.get("max_pixels", DEFAULT_MAX_PIXELS))
+        return open_image_bytes(self.read_bytes(row), max_pixels=self.options.get("max_pixels") or DEFAULT_MAX_PIXELS)
 
     def classes(self) -> list[str] | None:
         """Class names by label index, for labelled sources; None otherwise."""
         return None
+
+    # -- helpers for sources that read local image files -------------------------------------------
+    def probe_file(self, base: Path, rel: str, report: IssueReport, *, verify: bool) -> dict[str, Any] | None:
+        """Check the image file ``base/rel`` as a scan does; None (skip counted) when unusable.
+
+        Returns: ``{"width": w, "height": h}`` (None values without ``verify``).
+        """
+        try:
+            data = read_local_file(base, rel, max_bytes=self.max_bytes, header_only=not verify)
+            if not verify:
+                return {"width": None, "height": None}
+            width, height = self.check_image(data)
+        except SampleError as exc:
+            report.skip(exc.reason, f"{rel}: {exc.detail}" if exc.detail else rel)
+            return None
+        except PathOutsideWorkspace:
+            report.skip("path_outside_root", rel)
+            return None
+        return {"width": width, "height": height}
+
+    def check_image(self, data: bytes) -> tuple[int, int]:
+        """(width, height) of image bytes after a cheap decode; raises SampleError."""
+        size = open_image_bytes(data, max_pixels=self.options.get("max_pixels") or DEFAULT_MAX_PIXELS,
+                                min_side=self.options.get("min_side") or 1, verify_only=True)
+        assert isinstance(size, tuple)
+        return size
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.options.get("max_bytes") or DEFAULT_MAX_BYTES)
+
+
+def index_row(sid: Any, locator: str | None, *, offset: int | None = None, size: int | None = None,
+              caption: str | None = None, label: int | None = None, **extras: Any) -> dict[str, Any]:
+    """One index row: :data:`INDEX_COLUMNS` (id as text) followed by the source's extra columns."""
+    return {"id": str(sid), "locator": locator, "offset": offset, "size": size, "caption": caption,
+            "label": label, **extras}
+
+
+def read_local_file(base: Path, rel: str, *, max_bytes: int = DEFAULT_MAX_BYTES, header_only: bool = False) -> bytes:
+    """The bytes of ``base/rel``; ``header_only`` checks existence and size and returns b"".
+
+    Raises: PathOutsideWorkspace for ``..``/absolute paths and symlinks leaving ``base``;
+    SampleError missing_file, file_too_large or unreadable_file.
+    """
+    path = safe_join(base, rel)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise SampleError("file_too_large", f"{size} bytes > {max_bytes}")
+        if not path.is_file():
+            raise SampleError("unreadable_file", "not a regular file")
+        return b"" if header_only else path.read_bytes()
+    except FileNotFoundError:
+        raise SampleError("missing_file") from None
+    except OSError as exc:
+        raise SampleError("unreadable_file", os.strerror(exc.errno) if exc.errno else str(exc)) from None
+
+
+_URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_url(locator: Any) -> bool:
+    """Whether a locator is a URL (``scheme://...``) rather than a local relative path."""
+    return isinstance(locator, str) and bool(_URL_RE.match(locator))
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key ordering embedded numbers by value: ``img_emb_2`` < ``img_emb_10``, ``9.tar`` < ``10.tar``."""
+    return tuple(int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name))
+
+
+def parse_list_option(value: Any) -> list[str] | None:
+    """A comma-separated option (``"fog,snow"``) as a list of stripped items; None when unset/empty."""
+    if value is None:
+        return None
+    items = [item.strip() for item in str(value).split(",") if item.strip()]
+    return items or None
 
 
 def common_params() -> tuple[ParamSpec, ...]:
@@ -204,4 +294,5 @@ def common_params() -> tuple[ParamSpec, ...]:
     return (
         ParamSpec("max_pixels", "int", DEFAULT_MAX_PIXELS, "decompression-bomb limit (pixels)", min=1),
         ParamSpec("min_side", "int", 1, "skip images with a side shorter than this", min=1),
+        ParamSpec("max_bytes", "int", DEFAULT_MAX_BYTES, "skip image files / tar members larger than this", min=1),
     )

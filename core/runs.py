@@ -1,0 +1,87 @@
+"""Run records: a folder with the resolved config and a row in the catalog's ``runs`` table.
+
+Every stage that produces results records itself through :func:`recorded_run`, so the catalog says
+what ran, with which parameters, code version and git revision, and how it ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from core import atomic
+from core.store.catalog import utcnow
+from core.workspace import Workspace
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+
+def package_version() -> str:
+    try:
+        return version("prunescope")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def git_revision() -> str | None:
+    """The checkout's commit (with ``-dirty`` when it has changes), or None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "") if rev else None
+
+
+def new_run_id(kind: str) -> str:
+    return f"{utcnow():%Y%m%d-%H%M%S}-{kind}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class RunHandle:
+    id: str
+    dir: Path
+    message: str = ""
+
+
+@contextlib.contextmanager
+def recorded_run(ws: Workspace, kind: str, config: Mapping[str, Any], *, seed: int | None = None) -> Iterator[RunHandle]:
+    """Record a run: ``running`` on entry, ``done``/``failed``/``cancelled`` on exit.
+
+    Writes ``runs/<id>/params.json`` (resolved config, seed, version, git revision) before starting.
+    """
+    run_id = new_run_id(kind)
+    run_dir = ws.dir("runs", run_id)
+    rev, ver = git_revision(), package_version()
+    params = {"kind": kind, "config": dict(config), "seed": seed, "version": ver, "git_rev": rev}
+    atomic.write_json(run_dir / "params.json", params)
+    ws.catalog.insert("runs", [{
+        "id": run_id, "kind": kind, "status": "running", "config_json": json.dumps(dict(config), sort_keys=True),
+        "seed": seed, "git_rev": rev, "version": ver, "started_at": utcnow(), "ended_at": None,
+        "run_dir": ws.rel(run_dir), "pid": os.getpid(), "message": None,
+    }])
+    handle = RunHandle(run_id, run_dir)
+    status = "failed"
+    try:
+        yield handle
+        status = "done"
+    except KeyboardInterrupt:
+        status = "cancelled"
+        raise
+    except BaseException as exc:
+        handle.message = f"{type(exc).__name__}: {exc}"[:500]
+        raise
+    finally:
+        ws.catalog.execute("UPDATE runs SET status = ?, ended_at = ?, message = ? WHERE id = ?",
+                           [status, utcnow(), handle.message or None, run_id])

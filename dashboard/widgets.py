@@ -1,0 +1,92 @@
+"""Reusable dashboard pieces: the thumbnail grid and plain-text rendering of user text.
+
+Everything a user's data controls (captions, class names, dataset names, ids) is shown with
+``st.text`` / ``st.dataframe``, which never interpret Markdown or HTML, so a caption like
+``[click](http://evil)`` or ``<script>`` appears literally. Never pass user text to ``st.markdown``,
+``st.caption`` or a widget label, and never use ``unsafe_allow_html``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+from PIL import Image, ImageOps
+
+from core.errors import PrunescopeError
+from core.sources import SampleError
+from dashboard import queries
+
+log = logging.getLogger(__name__)
+
+THUMB_PX = 160
+PLACEHOLDER_RGB = (214, 217, 224)
+CAPTION_CHARS = 160
+
+
+def shorten(text: object, limit: int = CAPTION_CHARS) -> str:
+    """``text`` as one line of at most ``limit`` characters (an ellipsis marks a cut)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+@st.cache_data(ttl=600, max_entries=5000, show_spinner=False)
+def thumbnail(root: str, dataset: str, sample_id: str, _row: Mapping[str, Any], size: int = THUMB_PX) -> tuple[bytes | None, str]:
+    """A JPEG thumbnail of one sample (longest side ``size``), or (None, why it cannot be shown).
+
+    Cached per (workspace, dataset, id, size); ``_row`` (the index row) is not part of the key.
+    The image is read through the dataset's source, which only reads inside the registered root.
+    """
+    try:
+        image = queries.dataset_handle(root, dataset).load_image(_row)
+        image.thumbnail((size, size))
+    except SampleError as exc:
+        return None, exc.reason.replace("_", " ")
+    except PrunescopeError as exc:
+        return None, exc.one_line()
+    except Exception as exc:  # noqa: BLE001  a broken sample must cost one grey tile, never the page
+        log.warning("thumbnail of %s/%s failed", dataset, sample_id, exc_info=True)
+        return None, f"cannot read ({type(exc).__name__})"
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=85)
+    return buf.getvalue(), ""
+
+
+@st.cache_data(show_spinner=False)
+def placeholder(size: int = THUMB_PX) -> bytes:
+    """A plain grey square shown in place of an image that cannot be read."""
+    img = ImageOps.expand(Image.new("RGB", (size - 8, size - 8), PLACEHOLDER_RGB), border=4, fill=(190, 194, 204))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def thumbnail_grid(root: str, dataset: str, rows: pd.DataFrame, *, columns: int = 6) -> None:
+    """Thumbnails of ``rows`` (index rows of ``dataset``) with class name and caption as plain text."""
+    if rows.empty:
+        st.info("This dataset has no readable samples to show.")
+        return
+    records = rows.to_dict("records")
+    for start in range(0, len(records), columns):
+        cells = st.columns(columns, gap="small")
+        for cell, row in zip(cells, records[start : start + columns], strict=False):
+            with cell:
+                _tile(root, dataset, row)
+
+
+def _tile(root: str, dataset: str, row: Mapping[str, Any]) -> None:
+    with st.container(border=True):
+        data, reason = thumbnail(root, dataset, str(row["id"]), row)
+        if data is None:
+            st.image(placeholder(), width="stretch")
+            st.text(f"unreadable: {shorten(reason, 80)}")
+        else:
+            st.image(data, width="stretch")
+        if row.get("class_name"):
+            st.text(shorten(row["class_name"], 40))
+        caption = row.get("caption")
+        st.text(shorten(caption) if caption else "(no caption)")

@@ -1,0 +1,78 @@
+"""Shared fixtures: small workspaces built from generated images (no demo build, a second or less)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+#: Captions a user's data could carry to attack the dashboard; they must show as literal text.
+HOSTILE_CAPTIONS = (
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(1)>",
+    "[click](http://evil)",
+)
+PALETTE = [(220, 60, 60), (60, 140, 220), (60, 180, 90), (240, 180, 40), (150, 80, 200), (40, 180, 180)]
+
+
+def make_image(path: Path, seed: int, size: int = 96) -> None:
+    """A small deterministic picture: coloured background with a contrasting shape."""
+    bg = PALETTE[seed % len(PALETTE)]
+    fg = PALETTE[(seed * 7 + 3) % len(PALETTE)]
+    img = Image.new("RGB", (size, size), tuple(int(c * 0.35 + 160) for c in bg))
+    draw = ImageDraw.Draw(img)
+    m = 12 + (seed * 5) % 20
+    if seed % 3 == 0:
+        draw.ellipse([m, m, size - m, size - m], fill=fg)
+    elif seed % 3 == 1:
+        draw.rectangle([m, m + 8, size - m, size - m - 8], fill=fg)
+    else:
+        draw.polygon([(size // 2, m), (size - m, size - m), (m, size - m)], fill=fg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def build_small_workspace(root: Path, *, with_run: bool = True):
+    """A workspace with three image-folder datasets (returns the Workspace).
+
+    - ``web_pool`` (pool, flat folder, 10 images with .txt captions, three of them hostile, plus one
+      corrupt file that registration skips);
+    - ``val_bench`` (benchmark, 3 classes x 3 images, no captions);
+    - ``ref_clean`` (reference, 2 classes x 2 images).
+    """
+    from core.datasets import register_dataset
+    from core.store.catalog import utcnow
+    from core.workspace import Workspace
+
+    src = root / "src"
+    pool = src / "web_pool"
+    captions = [*HOSTILE_CAPTIONS, "a red ball on grass", "IMG_2041.jpg", "photo of a blue square",
+                "cheap watches buy now", "a yellow triangle", "a green circle at dusk", "two shapes, one purple"]
+    for i, caption in enumerate(captions):
+        make_image(pool / f"img_{i:03d}.png", i)
+        (pool / f"img_{i:03d}.txt").write_text(caption, encoding="utf-8")
+    (pool / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    for c, cls in enumerate(("cat", "dog", "truck")):
+        for j in range(3):
+            make_image(src / "val_bench" / cls / f"{cls}_{j}.png", 10 + 3 * c + j)
+    for c, cls in enumerate(("cat", "dog")):
+        for j in range(2):
+            make_image(src / "ref_clean" / cls / f"{cls}_{j}.png", 30 + 2 * c + j)
+
+    ws = Workspace(root / "ws")
+    register_dataset(ws, "web_pool", "image_folder", pool, role="pool")
+    register_dataset(ws, "val_bench", "image_folder", src / "val_bench", role="benchmark")
+    register_dataset(ws, "ref_clean", "image_folder", src / "ref_clean", role="reference")
+    if with_run:
+        now = utcnow()
+        ws.catalog.insert("runs", [{"id": "embed-web_pool-0001", "kind": "embed", "status": "done",
+                                    "config_json": "{}", "seed": 0, "started_at": now, "ended_at": now,
+                                    "run_dir": "runs/embed-web_pool-0001", "message": "10 samples embedded"}])
+    return ws
+
+
+@pytest.fixture(scope="session")
+def small_workspace(tmp_path_factory: pytest.TempPathFactory):
+    """A read-only shared workspace (see :func:`build_small_workspace`); tests must not modify it."""
+    return build_small_workspace(tmp_path_factory.mktemp("small"))
