@@ -85,3 +85,38 @@ def recorded_run(ws: Workspace, kind: str, config: Mapping[str, Any], *, seed: i
     finally:
         ws.catalog.execute("UPDATE runs SET status = ?, ended_at = ?, message = ? WHERE id = ?",
                            [status, utcnow(), handle.message or None, run_id])
+
+
+class ProgressWriter:
+    """Appends progress records to ``runs/<id>/progress.jsonl`` (one JSON object per line).
+
+    The file is append-only and flushed per record; readers (the dashboard) ignore a last line that is
+    not complete yet, so no temporary file is needed. Records carry ``t`` (unix time) plus whatever the
+    stage reports, e.g. ``{"stage": "train", "step": 10, "total": 100, "loss": 2.3, "img_per_s": 51.0}``.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "progress.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        import time
+
+        line = json.dumps({"t": round(time.time(), 3), **record}, default=str)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+
+def read_progress(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete record of a run's progress file (a torn last line is ignored)."""
+    path = Path(run_dir) / "progress.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

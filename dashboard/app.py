@@ -18,7 +18,7 @@ from dashboard.app_pages import PAGES
 if TYPE_CHECKING:
     from streamlit.navigation.page import StreamlitPage
 
-st.set_page_config(page_title="prunescope", page_icon=":material/content_cut:", layout="wide")
+st.set_page_config(page_title="prunescope", page_icon="✂️", layout="wide")
 
 
 def _navigation() -> StreamlitPage:

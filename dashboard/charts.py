@@ -31,16 +31,23 @@ def _layout(fig: go.Figure, *, title: str, x_title: str, y_title: str, height: i
         xaxis_title=x_title,
         yaxis_title=y_title,
         height=height,
-        margin=dict(l=10, r=10, t=50, b=10),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1, title_text=""),
+        margin=dict(l=10, r=10, t=60, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1, title_text="",
+                    traceorder="normal"),
         font=FONT,
         plot_bgcolor="white",
         paper_bgcolor="white",
         bargap=0.3,
     )
-    fig.update_xaxes(showgrid=False)
-    fig.update_yaxes(gridcolor="#ECEEF3", zeroline=False)
+    # plotly.js leaves automargin off: without it long tick labels are clipped by the tight margins.
+    fig.update_xaxes(automargin=True, gridcolor="#ECEEF3", zeroline=False)
+    fig.update_yaxes(automargin=True, gridcolor="#ECEEF3", zeroline=False)
     return fig
+
+
+def _count_ticks(largest: float) -> dict[str, object]:
+    """Axis settings for counts: whole-number ticks (no 0.2 steps when the largest count is small)."""
+    return dict(rangemode="tozero", tickformat=",d", **({"dtick": 1} if largest <= 8 else {}))
 
 
 def empty_figure(message: str, *, height: int = 300) -> go.Figure:
@@ -82,8 +89,10 @@ def samples_per_dataset(datasets: pd.DataFrame) -> go.Figure:
         marker_pattern_shape="/", hovertemplate="%{x}<br>%{y:,} skipped<extra></extra>",
     )
     fig.update_layout(barmode="stack")
-    fig.update_xaxes(categoryorder="array", categoryarray=names)
-    return _layout(fig, title="Samples per dataset", x_title="dataset", y_title="samples", height=360)
+    fig.update_xaxes(categoryorder="array", categoryarray=names, showgrid=False)
+    largest = float((datasets["n_samples"] + datasets["n_skipped"]).max())
+    fig.update_yaxes(**_count_ticks(largest))
+    return _layout(fig, title="Samples per dataset", x_title="", y_title="samples", height=380)
 
 
 def skip_reasons(issues: pd.DataFrame) -> go.Figure:
@@ -108,6 +117,10 @@ def skip_reasons(issues: pd.DataFrame) -> go.Figure:
             hovertemplate="%{y}<br>%{x:,} entries<extra>" + plain(action) + "</extra>",
         )
     fig.update_layout(barmode="stack")
-    fig.update_yaxes(categoryorder="array", categoryarray=[plain(r) for r in order])
-    height = max(260, 120 + 32 * len(order))
-    return _layout(fig, title="Skipped and repaired entries by reason", x_title="entries", y_title="", height=height)
+    fig.update_yaxes(categoryorder="array", categoryarray=[plain(r) for r in order], showgrid=False)
+    fig.update_xaxes(**_count_ticks(float(totals.groupby("reason")["count"].sum().max())))
+    fig = _layout(fig, title="Skipped and repaired entries by reason", x_title="entries", y_title="",
+                  height=max(380, 140 + 36 * len(order)))
+    # A lone reason would otherwise fill the plot with one slab of colour.
+    fig.update_layout(bargap=0.3 if len(order) > 3 else 0.65)
+    return fig

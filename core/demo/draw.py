@@ -143,7 +143,8 @@ def background(rng: np.random.Generator, size: int, base: tuple[int, int, int], 
     a = rng.uniform(0, 2 * math.pi)
     ramp = (np.cos(a) * xx + np.sin(a) * yy)[..., None] * 2 * gradient * rng.uniform(0.3, 1.0)
     grid = int(rng.integers(3, 9))
-    blotch = _upsample(rng.normal(size=(grid, grid, 3)) * [1.0, 1.0, 1.0], size)
+    # Mostly light/dark blotches, a little colour: the background keeps the colour it is named by.
+    blotch = _upsample(rng.normal(size=(grid, grid, 1)) + 0.4 * rng.normal(size=(grid, grid, 3)), size)
     tint = rng.normal(0, 8, size=3)
     return np.asarray(base, np.float32) + tint + ramp + blotch * texture
 

@@ -3,6 +3,7 @@
 Importing this package registers every built-in source.
 """
 
+from core.sources import image_folder  # noqa: F401  (registers)
 from core.sources.base import (
     DEFAULT_MAX_PIXELS,
     INDEX_COLUMNS,
@@ -14,7 +15,6 @@ from core.sources.base import (
     decode_caption,
     open_image_bytes,
 )
-from core.sources import image_folder  # noqa: F401  (registers)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -214,18 +214,22 @@ class Source(ABC):
     def probe_file(self, base: Path, rel: str, report: IssueReport, *, verify: bool) -> dict[str, Any] | None:
         """Check the image file ``base/rel`` as a scan does; None (skip counted) when unusable.
 
-        Returns: ``{"width": w, "height": h}`` (None values without ``verify``).
+        Returns: ``{"width": w, "height": h}`` in pixels (None values without ``verify``).
         """
         try:
             data = read_local_file(base, rel, max_bytes=self.max_bytes, header_only=not verify)
-            if not verify:
-                return {"width": None, "height": None}
-            width, height = self.check_image(data)
         except SampleError as exc:
-            report.skip(exc.reason, f"{rel}: {exc.detail}" if exc.detail else rel)
+            report.skip(exc.reason, exc.detail or rel)
             return None
         except PathOutsideWorkspace:
             report.skip("path_outside_root", rel)
+            return None
+        if not verify:
+            return {"width": None, "height": None}
+        try:
+            width, height = self.check_image(data)
+        except SampleError as exc:
+            report.skip(exc.reason, f"{rel}: {exc.detail}")
             return None
         return {"width": width, "height": height}
 
@@ -258,14 +262,14 @@ def read_local_file(base: Path, rel: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise SampleError("file_too_large", f"{size} bytes > {max_bytes}")
+            raise SampleError("file_too_large", f"{rel}: {size} bytes > {max_bytes}")
         if not path.is_file():
-            raise SampleError("unreadable_file", "not a regular file")
+            raise SampleError("unreadable_file", f"{rel}: not a regular file")
         return b"" if header_only else path.read_bytes()
     except FileNotFoundError:
-        raise SampleError("missing_file") from None
+        raise SampleError("missing_file", rel) from None
     except OSError as exc:
-        raise SampleError("unreadable_file", os.strerror(exc.errno) if exc.errno else str(exc)) from None
+        raise SampleError("unreadable_file", f"{rel}: {os.strerror(exc.errno) if exc.errno else exc}") from None
 
 
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ def is_lock_error(exc: BaseException) -> bool:
 
 def utcnow() -> datetime:
     """Naive UTC timestamp, the form stored in TIMESTAMP columns."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Catalog:

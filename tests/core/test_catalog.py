@@ -25,7 +25,7 @@ PUBLIC_TABLES = {
 def test_migrations_are_numbered_without_gaps():
     migs = load_migrations()
     assert [m.version for m in migs] == list(range(1, len(migs) + 1))
-    assert SCHEMA_VERSION == len(migs)
+    assert len(migs) == SCHEMA_VERSION
 
 
 def test_migrate_creates_public_tables_and_is_idempotent(tmp_path):

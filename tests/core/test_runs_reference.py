@@ -40,10 +40,23 @@ def test_recorded_run_success_and_failure(tmp_path):
         status = ws.catalog.query("SELECT status FROM runs WHERE id = ?", [run.id])["status"][0]
         assert status == "running"
     with pytest.raises(ZeroDivisionError), recorded_run(ws, "demo", {}) as failed:
-        1 / 0
+        raise ZeroDivisionError("division by zero")
     df = ws.catalog.query("SELECT id, status, message, ended_at FROM runs ORDER BY started_at")
     by_id = df.set_index("id")
     assert by_id.loc[run.id, "status"] == "done"
     assert by_id.loc[failed.id, "status"] == "failed"
     assert "ZeroDivisionError" in by_id.loc[failed.id, "message"]
     assert df["ended_at"].notna().all()
+
+
+def test_progress_writer_and_torn_line(tmp_path):
+    from core.runs import ProgressWriter, read_progress
+
+    pw = ProgressWriter(tmp_path / "run")
+    pw.write(step=1, loss=2.0)
+    pw.write(step=2, loss=1.5)
+    with open(pw.path, "a") as f:
+        f.write('{"step": 3, "lo')  # a writer killed mid-line
+    recs = read_progress(tmp_path / "run")
+    assert [r["step"] for r in recs] == [1, 2] and all("t" in r for r in recs)
+    assert read_progress(tmp_path / "nothing") == []

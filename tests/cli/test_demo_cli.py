@@ -1,0 +1,119 @@
+"""The CLI end to end: build the tiny demo world, register every source format, read it back."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageEnhance
+
+from core.workspace import Workspace
+
+pytestmark = pytest.mark.slow
+
+DEMO_DATASETS = {"pool": "pool", "pool_latent": "pool", "reference": "reference", "val": "benchmark",
+                 "sketch": "benchmark", "rendition": "benchmark", "v2": "benchmark", "hard": "benchmark"}
+
+
+@pytest.fixture(scope="module")
+def demo_ws(tmp_path_factory):
+    """A workspace with the tiny demo built by the CLI (module-scoped: built once)."""
+    import subprocess
+    import sys
+
+    ws = tmp_path_factory.mktemp("demo") / "ws"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "core.cli", "demo", "--size", "tiny", "--workspace", str(ws)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    return ws, proc.stdout, time.perf_counter() - t0
+
+
+def test_demo_registers_every_demo_dataset(demo_ws):
+    ws, out, _ = demo_ws
+    df = Workspace(ws, create=False).catalog.query("SELECT name, role, n_samples, kind FROM datasets")
+    assert dict(zip(df["name"], df["role"], strict=True)) == DEMO_DATASETS
+    assert (df["n_samples"] > 0).all()
+    kinds = set(df["kind"])
+    assert {"webdataset", "laion", "image_folder", "parquet"} <= kinds
+    assert "[register]" in out and "[generate]" in out
+
+
+def test_demo_is_idempotent(demo_ws, cli):
+    ws, _, _ = demo_ws
+    index = sorted(Path(ws, "datasets").rglob("index.parquet"))
+    before = {p: p.stat().st_mtime_ns for p in index}
+    proc = cli("demo", "--size", "tiny", workspace=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing new" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in index} == before
+    runs = Workspace(ws, create=False).catalog.query("SELECT status FROM runs WHERE kind = 'demo'")
+    assert runs["status"].tolist() == ["done", "done"]
+
+
+def test_demo_other_size_in_same_workspace_is_refused(demo_ws, cli):
+    ws, _, _ = demo_ws
+    proc = cli("demo", "--size", "small", workspace=ws)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_labels_agree_across_benchmarks(demo_ws):
+    ws, _, _ = demo_ws
+    root = Path(ws)
+    classes = json.loads((root / "sources/demo/classes.json").read_text())
+    folder_to_index = {c["folder"]: c["index"] for c in classes}
+    for name in ("val", "sketch", "rendition", "reference"):
+        idx = pd.read_parquet(root / "datasets" / name / "index.parquet")
+        assert (idx["class_name"].map(folder_to_index) == idx["label"]).all(), name
+    v2 = pd.read_parquet(root / "datasets/v2/index.parquet")
+    assert (v2["locator"].str.split("/").str[0].astype(int) == v2["label"]).all()
+    rendition = pd.read_parquet(root / "datasets/rendition/index.parquet")
+    assert rendition["label"].nunique() < len(classes)
+    assert rendition["label"].max() < len(classes)
+
+
+def _imagenet_c_tree(ws_root: Path, out: Path) -> int:
+    """An ImageNet-C-style tree made from the demo's val set with two simple corruptions."""
+    n = 0
+    for img_path in sorted((ws_root / "sources/demo/benchmarks/val").glob("*/*.jpg"))[:40]:
+        for corruption, factor in (("brightness", 1.6), ("contrast", 0.4)):
+            for severity in (1, 5):
+                dest = out / corruption / str(severity) / img_path.parent.name / img_path.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                enh = ImageEnhance.Brightness if corruption == "brightness" else ImageEnhance.Contrast
+                enh(Image.open(img_path)).enhance(factor ** (severity / 5)).save(dest, quality=85)
+                n += 1
+    return n
+
+
+def _cifar_c(ws_root: Path, out: Path, per_severity: int = 8) -> None:
+    imgs = sorted((ws_root / "sources/demo/benchmarks/val").glob("*/*.jpg"))[:per_severity]
+    base = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in imgs])
+    labels = np.arange(per_severity, dtype=np.uint8) % 10
+    out.mkdir(parents=True)
+    np.save(out / "gaussian_noise.npy", np.concatenate([base] * 5).astype(np.uint8))
+    np.save(out / "labels.npy", np.tile(labels, 5))
+
+
+def test_register_every_format_through_the_cli(demo_ws, cli, tmp_path):
+    ws, _, _ = demo_ws
+    root = Path(ws)
+    n_c = _imagenet_c_tree(root, tmp_path / "imagenet_c")
+    proc = cli("datasets", "add", "val_c", "imagenet_c", tmp_path / "imagenet_c", "--role", "benchmark", workspace=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{n_c} samples" in proc.stdout
+    _cifar_c(root, tmp_path / "cifar_c")
+    proc = cli("datasets", "add", "cifar10_c", "cifar_c", tmp_path / "cifar_c", "--role", "benchmark", workspace=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "40 samples" in proc.stdout
+    listing = cli("datasets", "list", workspace=ws).stdout
+    for name in [*DEMO_DATASETS, "val_c", "cifar10_c"]:
+        assert name in listing
+    idx = pd.read_parquet(root / "datasets/val_c/index.parquet")
+    assert set(idx["corruption"]) == {"brightness", "contrast"} and set(idx["severity"]) == {1, 5}
+    show = cli("datasets", "show", "pool", workspace=ws)
+    assert show.returncode == 0 and "first samples" in show.stdout
