@@ -190,7 +190,8 @@ def serve(
     args = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", address,
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     typer.echo(f"serving {ws.root} on http://{address}:{port}")
-    raise typer.Exit(subprocess.call(args, env=env))
+    # Streamlit reads .streamlit/config.toml from its working directory: run it from the checkout.
+    raise typer.Exit(subprocess.call(args, env=env, cwd=app_path.parent.parent))
 
 
 def main() -> None:

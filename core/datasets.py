@@ -3,12 +3,25 @@
 Registering scans a source once (``core.sources``), writes the readable samples to
 ``datasets/<name>/index.parquet`` in the workspace, and records the dataset and its per-reason
 issue summary in the catalog (``datasets``, ``dataset_issues``). Nothing in the source is modified.
+
+Registration is all-or-nothing: the index is written in chunks into a hidden staging folder
+(``datasets/.<name>.tmp-*``), the catalog rows are replaced in one transaction, and only then does the
+staging folder take the dataset folder's place. A scan that fails (DataError, no readable samples,
+an interrupt) leaves the catalog and any earlier registration of the name exactly as they were.
+
+Files in ``datasets/<name>/``:
+    index.parquet   id, locator, offset, size, caption, label, then the source's extra columns
+    classes.json    class names by label index (labelled sources only)
+    meta.json       what the scan learned about the source: ``has_images``, ``columns``
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import secrets
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -17,12 +30,21 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
 from core import atomic
-from core.errors import AlreadyExists, ConfigError, DataError, MissingFileError, UnknownName
-from core.sources import SOURCES, IssueReport, SampleError, Source
+from core.errors import (
+    AlreadyExists,
+    ConfigError,
+    DataError,
+    MissingFileError,
+    PathOutsideWorkspace,
+    UnknownName,
+)
+from core.sources import INDEX_COLUMNS, SOURCES, IssueReport, SampleError, Source
 from core.store.catalog import utcnow
 from core.workspace import Workspace, validate_name
 
@@ -30,6 +52,16 @@ log = logging.getLogger(__name__)
 
 ROLES = ("pool", "benchmark", "reference")
 INDEX_FILE = "index.parquet"
+CLASSES_FILE = "classes.json"
+META_FILE = "meta.json"
+#: Rows buffered in memory before a chunk of the index is written.
+CHUNK_ROWS = 65_536
+#: Arrow types of the columns every index has.
+CORE_TYPES: dict[str, pa.DataType] = {
+    "id": pa.string(), "locator": pa.string(), "offset": pa.int64(), "size": pa.int64(),
+    "caption": pa.string(), "label": pa.int32(),
+}
+assert tuple(CORE_TYPES) == INDEX_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -46,6 +78,7 @@ class DatasetInfo:
     index_path: Path
 
 
+# -- registration --------------------------------------------------------------------------------------
 def register_dataset(ws: Workspace, name: str, kind: str, uri: str | Path, *, role: str = "pool",
                      options: Mapping[str, Any] | None = None, replace: bool = False, verify: bool = True,
                      description: str = "", progress: bool = False) -> DatasetInfo:
@@ -70,62 +103,87 @@ def register_dataset(ws: Workspace, name: str, kind: str, uri: str | Path, *, ro
 
     source = entry.obj(root, **resolved)
     report = IssueReport()
-    index = _scan_to_table(source, report, verify=verify, progress=progress, name=name)
-    if index.num_rows == 0:
-        raise DataError(f"dataset '{name}' has no readable samples in {root} ({report.summary()})")
+    staging = ws.dir("datasets", f".{name}{atomic.TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        n_rows, has_captions = _scan_to_index(source, report, staging / INDEX_FILE, verify=verify,
+                                              progress=progress, name=name)
+        if n_rows == 0:
+            raise DataError(f"dataset '{name}' has no readable samples in {root} ({report.summary()})")
+        classes = _write_sidecars(source, staging)
+        row = {
+            "name": name, "kind": kind, "role": role, "uri": str(root), "n_samples": n_rows,
+            "n_skipped": report.n_skipped, "created_at": utcnow(),
+            "index_path": ws.rel(ws.dataset_dir(name) / INDEX_FILE),
+            "options_json": json.dumps(resolved, sort_keys=True, default=str),
+            "n_classes": len(classes) if classes else None, "has_captions": has_captions,
+            "description": description,
+        }
+        _write_catalog(ws, row, report.rows(name), replace=replace)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, ws.dataset_dir(name))
+    log.info("registered %s: %d samples, %s", name, n_rows, report.summary())
+    return DatasetInfo(name, kind, role, str(root), n_rows, report.n_skipped, report,
+                       ws.dataset_dir(name) / INDEX_FILE)
 
-    index_path = ws.dataset_dir(name) / INDEX_FILE
-    atomic.write_parquet(index_path, index)
+
+def _scan_to_index(source: Source, report: IssueReport, dest: Path, *, verify: bool, progress: bool,
+                   name: str) -> tuple[int, bool]:
+    """Stream scan rows, dropping duplicate ids (counted), into ``dest``; returns (rows, any caption)."""
+    seen: set[str] = set()
+    writer = IndexWriter(dest)
+    try:
+        for row in tqdm(source.scan(report, verify=verify), desc=f"scanning {name}", unit="sample",
+                        disable=not progress):
+            sid = str(row["id"])
+            if sid in seen:
+                report.skip("duplicate_id", sid)
+                continue
+            seen.add(sid)
+            writer.add(row)
+    except OSError as exc:  # e.g. a folder that cannot be listed: the dataset as a whole is unreadable
+        raise DataError(f"cannot read {source.kind} source {source.root}: {exc.strerror or exc}") from None
+    return writer.close(), writer.has_captions
+
+
+def _write_sidecars(source: Source, folder: Path) -> list[str] | None:
+    """classes.json (labelled sources) and meta.json beside the index; returns the classes."""
     classes = source.classes()
     if classes is not None:
-        atomic.write_json(ws.dataset_dir(name) / "classes.json", classes)
-    row = {
-        "name": name, "kind": kind, "role": role, "uri": str(root), "n_samples": index.num_rows,
-        "n_skipped": report.n_skipped, "created_at": utcnow(), "index_path": ws.rel(index_path),
-        "options_json": json.dumps(resolved, sort_keys=True), "n_classes": len(classes) if classes else None,
-        "has_captions": bool(index.column("caption").null_count < index.num_rows), "description": description,
-    }
+        atomic.write_json(folder / CLASSES_FILE, classes)
+    columns = pq.read_schema(folder / INDEX_FILE).names
+    atomic.write_json(folder / META_FILE, {"kind": source.kind, "has_images": bool(source.has_images),
+                                           "columns": columns})
+    return classes
+
+
+def _write_catalog(ws: Workspace, row: dict[str, Any], issues: list[dict[str, Any]], *, replace: bool) -> None:
+    """Replace the dataset's catalog rows in one transaction (nothing changes when it fails)."""
     with ws.catalog.connect() as con:
-        con.execute("DELETE FROM datasets WHERE name = ?", [name])
-        con.execute("DELETE FROM dataset_issues WHERE dataset = ?", [name])
+        taken = con.execute("SELECT count(*) FROM datasets WHERE name = ?", [row["name"]]).fetchone()
+        if taken and taken[0] and not replace:
+            raise AlreadyExists(f"dataset '{row['name']}' is already registered",
+                                hint="pass --replace to re-register it")
+        con.execute("DELETE FROM datasets WHERE name = ?", [row["name"]])
+        con.execute("DELETE FROM dataset_issues WHERE dataset = ?", [row["name"]])
         cols = list(row)
         con.execute(f"INSERT INTO datasets ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
                     [row[c] for c in cols])
-        issues = report.rows(name)
         if issues:
-            con.executemany("INSERT INTO dataset_issues VALUES (?, ?, ?, ?, ?)",
+            con.executemany("INSERT INTO dataset_issues (dataset, reason, action, count, example) VALUES (?, ?, ?, ?, ?)",
                             [[r["dataset"], r["reason"], r["action"], r["count"], r["example"]] for r in issues])
-    log.info("registered %s: %d samples, %s", name, index.num_rows, report.summary())
-    return DatasetInfo(name, kind, role, str(root), index.num_rows, report.n_skipped, report, index_path)
 
 
-def _scan_to_table(source: Source, report: IssueReport, *, verify: bool, progress: bool, name: str) -> pa.Table:
-    """Collect scan rows, dropping duplicate ids (counted), into an Arrow table."""
-    seen: set[str] = set()
-    rows: list[dict[str, Any]] = []
-    it: Iterator[dict[str, Any]] = source.scan(report, verify=verify)
-    for row in tqdm(it, desc=f"scanning {name}", unit="sample", disable=not progress):
-        sid = str(row["id"])
-        if sid in seen:
-            report.skip("duplicate_id", sid)
-            continue
-        seen.add(sid)
-        row["id"] = sid
-        rows.append(row)
-    if not rows:
-        return pa.table({"id": pa.array([], pa.string())})
-    df = pd.DataFrame(rows)
-    for col in ("offset", "size", "label"):
-        if col not in df:
-            df[col] = pd.NA
-    if "caption" not in df:
-        df["caption"] = None
-    df["offset"] = df["offset"].astype("Int64")
-    df["size"] = df["size"].astype("Int64")
-    df["label"] = df["label"].astype("Int32")
-    first = ["id", "locator", "offset", "size", "caption", "label"]
-    df = df[first + [c for c in df.columns if c not in first]]
-    return pa.Table.from_pandas(df, preserve_index=False)
+def _swap_in(staging: Path, final: Path) -> None:
+    """Put the staging folder in the dataset folder's place (two renames), then drop the old one."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}{atomic.TMP_MARK}old-{secrets.token_hex(4)}")
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _exists(ws: Workspace, name: str) -> bool:
@@ -134,6 +192,110 @@ def _exists(ws: Workspace, name: str) -> bool:
     return bool(row and row[0])
 
 
+# -- the index writer ----------------------------------------------------------------------------------
+class IndexWriter:
+    """Writes index rows to parquet in chunks of :data:`CHUNK_ROWS`, whatever extra columns appear.
+
+    Rows are buffered, each chunk becomes a part file with its own inferred types; :meth:`close`
+    settles one type per column (mixed numbers -> float64, anything else mixed -> text), and streams
+    the parts into ``dest`` one at a time. Memory holds one chunk, never the whole index.
+    """
+
+    def __init__(self, dest: Path, chunk_rows: int | None = None) -> None:
+        self.dest = dest
+        self.chunk_rows = chunk_rows or CHUNK_ROWS
+        self.parts_dir = dest.parent / ".parts"
+        self._rows: list[dict[str, Any]] = []
+        self._parts: list[tuple[Path, pa.Schema]] = []
+        self.n_rows = 0
+        self.has_captions = False
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        self.has_captions = self.has_captions or row.get("caption") is not None
+        if len(self._rows) >= self.chunk_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        table = rows_to_table(self._rows)
+        path = self.parts_dir / f"part-{len(self._parts):06d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        self._parts.append((path, table.schema))
+        self.n_rows += table.num_rows
+        self._rows = []
+
+    def close(self) -> int:
+        """Write ``dest`` from the parts; returns the row count (0 writes nothing)."""
+        self._flush()
+        if self._parts:
+            schema = unify_schemas([s for _, s in self._parts])
+            with atomic.atomic_path(self.dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+                for path, _ in self._parts:
+                    writer.write_table(conform(pq.read_table(path), schema))
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        return self.n_rows
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Index rows as an Arrow table: :data:`CORE_TYPES` first, then extras in first-seen order."""
+    names = list(CORE_TYPES)
+    for row in rows:
+        names.extend(k for k in row if k not in names)
+    arrays = [column_array([row.get(n) for row in rows], CORE_TYPES.get(n)) for n in names]
+    return pa.table(arrays, names=names)
+
+
+def column_array(values: list[Any], type_: pa.DataType | None = None) -> pa.Array:
+    """One column; values Arrow cannot hold in one type (1 and "a", True and 2) become text."""
+    try:
+        return pa.array(values, type=type_, from_pandas=True)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        if type_ is not None and type_ != pa.string():
+            raise
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+def unify_schemas(schemas: list[pa.Schema]) -> pa.Schema:
+    """One type per column over all chunks: equal types stay, numbers widen to float64, else text."""
+    types: dict[str, list[pa.DataType]] = {}
+    for schema in schemas:
+        for fld in schema:
+            types.setdefault(fld.name, []).append(fld.type)
+    fields = []
+    for name, seen in types.items():
+        kinds = {t for t in seen if not pa.types.is_null(t)}
+        if name in CORE_TYPES:
+            out = CORE_TYPES[name]
+        elif not kinds:
+            out = pa.string()
+        elif len(kinds) == 1:
+            out = kinds.pop()
+        elif all(pa.types.is_integer(t) for t in kinds):
+            out = pa.int64()
+        elif all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in kinds):
+            out = pa.float64()
+        else:
+            out = pa.string()
+        fields.append(pa.field(name, out))
+    return pa.schema(fields)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns: missing ones null, others cast."""
+    arrays = []
+    for fld in schema:
+        if fld.name not in table.column_names:
+            arrays.append(pa.nulls(table.num_rows, fld.type))
+        else:
+            col = table.column(fld.name)
+            arrays.append(col if col.type == fld.type else pc.cast(col, fld.type))
+    return pa.table(arrays, schema=schema)
+
+
+# -- catalog queries ------------------------------------------------------------------------------------
 def list_datasets(ws: Workspace) -> pd.DataFrame:
     """Every registered dataset (catalog columns), by role then name."""
     return ws.catalog.query(
@@ -152,6 +314,7 @@ def dataset_row(ws: Workspace, name: str) -> dict[str, Any]:
 
 
 def dataset_issues(ws: Workspace, name: str) -> pd.DataFrame:
+    """What registration skipped or repaired: reason, action (skipped|repaired), count, example."""
     return ws.catalog.query(
         "SELECT reason, action, count, example FROM dataset_issues WHERE dataset = ? ORDER BY action, reason", [name]
     )
@@ -166,6 +329,7 @@ def remove_dataset(ws: Workspace, name: str) -> None:
     shutil.rmtree(ws.dataset_dir(name), ignore_errors=True)
 
 
+# -- reading a registered dataset -----------------------------------------------------------------------
 class Dataset:
     """A registered dataset: its catalog row, its index, and its source for reading images."""
 
@@ -175,18 +339,60 @@ class Dataset:
         self.name = name
         options = json.loads(self.row["options_json"] or "{}")
         self.source: Source = SOURCES.get(self.row["kind"])(Path(self.row["uri"]), **options)
+        self.meta: dict[str, Any] = self._read_json(META_FILE) or {}
+        self.source.has_images = bool(self.meta.get("has_images", type(self.source).has_images))
         self._index: pd.DataFrame | None = None
+
+    def _read_json(self, file: str) -> Any:
+        path = self.ws.dataset_dir(self.name) / file
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    @property
+    def has_images(self) -> bool:
+        """Whether rows have local images (False for URL-only tables and bare embedding releases)."""
+        return bool(self.source.has_images)
+
+    @property
+    def index_path(self) -> Path:
+        path = self.ws.abs(self.row["index_path"])
+        if not path.exists():
+            raise DataError(f"the index of dataset '{self.name}' is missing ({path})",
+                            hint=f"re-register it: prunescope datasets add {self.name} ... --replace")
+        return path
 
     @property
     def index(self) -> pd.DataFrame:
-        """The index DataFrame (id, locator, offset, size, caption, label, extras), loaded once."""
+        """The whole index as a DataFrame (integer columns nullable), loaded once; prefer
+        :meth:`iter_rows` to stream a large one."""
         if self._index is None:
-            self._index = pd.read_parquet(self.ws.abs(self.row["index_path"]))
+            mapper = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}.get
+            self._index = pq.read_table(self.index_path).to_pandas(types_mapper=mapper)
         return self._index
 
     def classes(self) -> list[str] | None:
-        path = self.ws.dataset_dir(self.name) / "classes.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        """Class names by label index, as stored at registration; None when unlabelled."""
+        value = self._read_json(CLASSES_FILE)
+        return list(value) if value is not None else None
+
+    def iter_rows(self, start: int = 0, stop: int | None = None, *, batch_rows: int = 4096,
+                  columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Stream index rows [start, stop) as dicts (None for nulls), reading only the row groups needed."""
+        with contextlib.closing(pq.ParquetFile(self.index_path)) as pf:
+            pos = 0
+            for rg in range(pf.num_row_groups):
+                n = pf.metadata.row_group(rg).num_rows
+                if pos + n <= start:
+                    pos += n
+                    continue
+                if stop is not None and pos >= stop:
+                    return
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=columns):
+                    for row in batch.to_pylist():
+                        if stop is not None and pos >= stop:
+                            return
+                        if pos >= start:
+                            yield row
+                        pos += 1
 
     def load_image(self, row: Mapping[str, Any]) -> Image.Image:
         """RGB image of one index row; SampleError when it went bad since registration."""
@@ -196,11 +402,13 @@ class Dataset:
                     stop: int | None = None) -> Iterator[tuple[dict[str, Any], Image.Image]]:
         """Stream (row, image) over index rows [start, stop); unreadable ones are counted and skipped."""
         report = report if report is not None else IssueReport()
-        for row in self.index.iloc[start:stop].to_dict("records"):
+        for row in self.iter_rows(start, stop):
             try:
                 yield row, self.source.load_image(row)
             except SampleError as exc:
                 report.skip(exc.reason, str(row["id"]))
+            except PathOutsideWorkspace:
+                report.skip("path_outside_root", str(row["id"]))
 
 
 def open_dataset(ws: Workspace, name: str) -> Dataset:

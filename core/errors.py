@@ -74,3 +74,9 @@ class AlreadyExists(PrunescopeError):
     """A name is already taken (use --replace to overwrite)."""
 
     exit_code = 6
+
+
+class WeightsUnavailable(PrunescopeError):
+    """Pretrained weights are not cached and cannot be downloaded (offline, hub unreachable)."""
+
+    exit_code = 7

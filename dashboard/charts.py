@@ -109,14 +109,15 @@ def skip_reasons(issues: pd.DataFrame) -> go.Figure:
     totals = issues.groupby(["action", "reason"], as_index=False)["count"].sum()
     order = totals.groupby("reason")["count"].sum().sort_values().index.tolist()
     fig = go.Figure()
-    for action in sorted(totals["action"].unique(), key=lambda a: (a not in ACTION_COLORS, a)):
+    known = list(ACTION_COLORS)
+    for action in sorted(totals["action"].unique(), key=lambda a: (known.index(a) if a in known else len(known), a)):
         sub = totals[totals["action"] == action]
         fig.add_bar(
             name=plain(action), y=[plain(r) for r in sub["reason"]], x=sub["count"].tolist(), orientation="h",
             marker_color=ACTION_COLORS.get(action, OTHER_COLOR),
             hovertemplate="%{y}<br>%{x:,} entries<extra>" + plain(action) + "</extra>",
         )
-    fig.update_layout(barmode="stack")
+    fig.update_layout(barmode="stack", showlegend=True)
     fig.update_yaxes(categoryorder="array", categoryarray=[plain(r) for r in order], showgrid=False)
     fig.update_xaxes(**_count_ticks(float(totals.groupby("reason")["count"].sum().max())))
     fig = _layout(fig, title="Skipped and repaired entries by reason", x_title="entries", y_title="",

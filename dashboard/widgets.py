@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 THUMB_PX = 160
 PLACEHOLDER_RGB = (214, 217, 224)
-CAPTION_CHARS = 160
+TILE_RGB = (243, 245, 250)  # the theme's secondary background
+CAPTION_CHARS = 90
 
 
 def shorten(text: object, limit: int = CAPTION_CHARS) -> str:
@@ -35,8 +36,9 @@ def shorten(text: object, limit: int = CAPTION_CHARS) -> str:
 
 
 @st.cache_data(ttl=600, max_entries=5000, show_spinner=False)
-def thumbnail(root: str, dataset: str, sample_id: str, _row: Mapping[str, Any], size: int = THUMB_PX) -> tuple[bytes | None, str]:
-    """A JPEG thumbnail of one sample (longest side ``size``), or (None, why it cannot be shown).
+def thumbnail(root: str, dataset: str, sample_id: str, _row: Mapping[str, Any],
+              size: int = THUMB_PX) -> tuple[bytes | None, str]:
+    """A square JPEG thumbnail of one sample (``size`` px, letterboxed), or (None, why it cannot be shown).
 
     Cached per (workspace, dataset, id, size); ``_row`` (the index row) is not part of the key.
     The image is read through the dataset's source, which only reads inside the registered root.
@@ -44,6 +46,10 @@ def thumbnail(root: str, dataset: str, sample_id: str, _row: Mapping[str, Any], 
     try:
         image = queries.dataset_handle(root, dataset).load_image(_row)
         image.thumbnail((size, size))
+        # Centred on a square tile so the grid's rows line up whatever the aspect ratios.
+        tile = Image.new("RGB", (size, size), TILE_RGB)
+        tile.paste(image.convert("RGB"), ((size - image.width) // 2, (size - image.height) // 2))
+        image = tile
     except SampleError as exc:
         return None, exc.reason.replace("_", " ")
     except PrunescopeError as exc:
@@ -52,7 +58,7 @@ def thumbnail(root: str, dataset: str, sample_id: str, _row: Mapping[str, Any], 
         log.warning("thumbnail of %s/%s failed", dataset, sample_id, exc_info=True)
         return None, f"cannot read ({type(exc).__name__})"
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=85)
+    image.save(buf, format="JPEG", quality=85)
     return buf.getvalue(), ""
 
 
@@ -87,6 +93,6 @@ def _tile(root: str, dataset: str, row: Mapping[str, Any]) -> None:
         else:
             st.image(data, width="stretch")
         if row.get("class_name"):
-            st.text(shorten(row["class_name"], 40))
+            st.text(f"class: {shorten(row['class_name'], 40)}")
         caption = row.get("caption")
         st.text(shorten(caption) if caption else "(no caption)")

@@ -73,6 +73,17 @@ def build_small_workspace(root: Path, *, with_run: bool = True):
 
 
 @pytest.fixture(scope="session")
+def build_workspace():
+    """The builder itself, for tests that need their own (modifiable) copy: ``build_workspace(tmp_path)``."""
+    return build_small_workspace
+
+
+@pytest.fixture(scope="session")
+def hostile_captions() -> tuple[str, ...]:
+    return HOSTILE_CAPTIONS
+
+
+@pytest.fixture(scope="session")
 def small_workspace(tmp_path_factory: pytest.TempPathFactory):
     """A read-only shared workspace (see :func:`build_small_workspace`); tests must not modify it."""
     return build_small_workspace(tmp_path_factory.mktemp("small"))

@@ -19,15 +19,15 @@ CAPTION_KINDS = ("correct", "wrong", "generic", "spam")
 CAPTION_KIND_P = (0.83, 0.08, 0.06, 0.03)
 
 TEMPLATES = (
-    "a photo of a {name} on a {bg} background",
+    "a photo of {a} {name} on a {bg} background",
     "{Title} - stock image",
     "{name}",
-    "a {name}",
-    "close-up of a {name}",
+    "{a} {name}",
+    "close-up of {a} {name}",
     "{Name} isolated on {bg} background",
     "{name} icon",
     "{Name} shape, vector illustration",
-    "picture of a {name} on {bg}",
+    "picture of {a} {name} on {bg}",
     "my {name} :)",
     "{Title} | Free Stock Photo",
     "{name}, {bg} backdrop, high quality",
@@ -51,7 +51,8 @@ SUFFIXES = (" - Pinterest", " | Etsy", " - Wikipedia", " stock photos", " (2019)
 
 
 def _fill_template(template: str, concept: Concept, bg: str) -> str:
-    return template.format(name=concept.name, Name=concept.name.capitalize(), Title=concept.name.title(),
+    a = "an" if concept.name[0] in "aeiou" else "a"
+    return template.format(a=a, name=concept.name, Name=concept.name.capitalize(), Title=concept.name.title(),
                            colour=concept.colour, Colour=concept.colour.capitalize(), shape=concept.shape,
                            bg=bg)
 
@@ -77,7 +78,7 @@ def _surface_noise(text: str, rng: np.random.Generator) -> str:
         text = text.upper()
     if u[1] < 0.15:
         text += SUFFIXES[int(rng.integers(len(SUFFIXES)))]
-    if u[2] < 0.06:
+    if u[2] < 0.03:
         text = _typo(text, rng)
     if u[3] < 0.05:
         text = "  " + text + " "

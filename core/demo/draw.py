@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -132,20 +133,28 @@ def stroke_mask(strokes: list[np.ndarray], size: int, width: float) -> np.ndarra
 def _upsample(small: np.ndarray, size: int) -> np.ndarray:
     """Bicubic upsampling of a (g, g, 3) array of values in about [-1, 1] to (size, size, 3)."""
     u8 = np.clip(small * 60 + 128, 0, 255).astype(np.uint8)
-    big = np.asarray(Image.fromarray(u8).resize((size, size), Image.BICUBIC), dtype=np.float32)
+    big = np.asarray(Image.fromarray(u8).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
     return (big - 128) / 60
+
+
+@lru_cache(maxsize=8)
+def _coords(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(yy, xx) float32 grids in [-0.5, 0.5] (read-only, shared)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1) - 0.5
+    yy.flags.writeable = xx.flags.writeable = False
+    return yy, xx
 
 
 def background(rng: np.random.Generator, size: int, base: tuple[int, int, int], *, gradient: float = 28,
                texture: float = 14) -> np.ndarray:
     """(size, size, 3) float32 photo-like background: base colour, linear light gradient, blotchy texture."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1) - 0.5
+    yy, xx = _coords(size)
     a = rng.uniform(0, 2 * math.pi)
     ramp = (np.cos(a) * xx + np.sin(a) * yy)[..., None] * 2 * gradient * rng.uniform(0.3, 1.0)
     grid = int(rng.integers(3, 9))
     # Mostly light/dark blotches, a little colour: the background keeps the colour it is named by.
     blotch = _upsample(rng.normal(size=(grid, grid, 1)) + 0.4 * rng.normal(size=(grid, grid, 3)), size)
-    tint = rng.normal(0, 8, size=3)
+    tint = rng.normal(0, 8, size=3).astype(np.float32)
     return np.asarray(base, np.float32) + tint + ramp + blotch * texture
 
 
@@ -157,7 +166,7 @@ def composite(base: np.ndarray, colour: np.ndarray, mask: np.ndarray) -> np.ndar
 
 def shading(rng: np.random.Generator, size: int, strength: float = 0.18) -> np.ndarray:
     """(size, size, 1) multiplicative light falloff across the object (1 at the centre)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1) - 0.5
+    yy, xx = _coords(size)
     a = rng.uniform(0, 2 * math.pi)
     return (1 + strength * 2 * (np.cos(a) * xx + np.sin(a) * yy))[..., None]
 
@@ -165,7 +174,7 @@ def shading(rng: np.random.Generator, size: int, strength: float = 0.18) -> np.n
 def finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
     """Add Gaussian pixel noise (std ``noise``) and convert to uint8."""
     if noise > 0:
-        img = img + rng.normal(0, noise, size=img.shape).astype(np.float32)
+        img = img + rng.standard_normal(size=img.shape, dtype=np.float32) * np.float32(noise)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -201,17 +210,29 @@ def sample_photo(rng: np.random.Generator, shape: str, rgb: tuple[int, int, int]
                  spill: float = 0.0) -> PhotoParams:
     """Draw pose, colour jitter (brightness and per-channel) and noise level of a photo."""
     pose = sample_pose(rng, size, radius=radius, spill=spill)
+    return PhotoParams(shape, jitter_colour(rng, rgb), pose, background_rgb, float(rng.uniform(2.0, 9.0)))
+
+
+def jitter_colour(rng: np.random.Generator, rgb: tuple[int, int, int]) -> tuple[float, float, float]:
+    """The colour with random brightness (x0.82..1.12) and per-channel jitter (std 10)."""
     jitter = np.asarray(rgb, np.float64) * rng.uniform(0.82, 1.12) + rng.normal(0, 10, size=3)
-    colour = tuple(float(c) for c in np.clip(jitter, 0, 255))
-    return PhotoParams(shape, colour, pose, background_rgb, float(rng.uniform(2.0, 9.0)))  # type: ignore[arg-type]
+    r, g, b = (float(c) for c in np.clip(jitter, 0, 255))
+    return r, g, b
+
+
+def paint(img: np.ndarray, shape: str, rgb: tuple[float, float, float], pose: Pose, rng: np.random.Generator,
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Paint a shaded shape over a float image; returns (new image, the shape's coverage mask)."""
+    size = img.shape[0]
+    mask = fill_mask(place(shape, pose), size)
+    obj = np.asarray(rgb, np.float32) * shading(rng, size)
+    return composite(img, obj, mask), mask
 
 
 def render_photo(p: PhotoParams, rng: np.random.Generator, size: int) -> np.ndarray:
     """A photo-style image: textured background, shaded object, pixel noise."""
-    img = background(rng, size, p.background)
-    mask = fill_mask(place(p.shape, p.pose), size)
-    obj = np.asarray(p.rgb, np.float32) * shading(rng, size)
-    return finish(composite(img, obj, mask), rng, p.noise)
+    img, _ = paint(background(rng, size, p.background), p.shape, p.rgb, p.pose, rng)
+    return finish(img, rng, p.noise)
 
 
 def _wobble(pts: np.ndarray, rng: np.random.Generator, amount: float, step: float = 3.0) -> np.ndarray:

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 from PIL import Image
 
@@ -60,6 +60,8 @@ SKIP_REASONS = {
 DEFAULT_MAX_PIXELS = 64_000_000
 #: Default limit on the bytes of one image file or tar member (read whole into memory).
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+#: Leading bytes of the formats PIL reads that users bring (JPEG, PNG, GIF, BMP, TIFF); WebP is RIFF....WEBP.
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 SOURCES: Registry[type[Source]] = Registry("data source")
@@ -131,6 +133,12 @@ def decode_caption(raw: bytes | str | None, report: IssueReport | None = None, w
         return raw.decode("utf-8", errors="replace")
 
 
+@overload
+def open_image_bytes(data: bytes, *, max_pixels: int = ..., min_side: int = ...,
+                     verify_only: Literal[False] = ...) -> Image.Image: ...
+@overload
+def open_image_bytes(data: bytes, *, max_pixels: int = ..., min_side: int = ...,
+                     verify_only: Literal[True]) -> tuple[int, int]: ...
 def open_image_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
                      verify_only: bool = False) -> Image.Image | tuple[int, int]:
     """Decode image bytes to RGB, or check them when ``verify_only`` (returns (width, height)).
@@ -161,8 +169,12 @@ def open_image_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_s
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SampleError("decompression_bomb", str(exc)[:200]) from None
-    except Image.UnidentifiedImageError as exc:
-        raise SampleError("unsupported_image", str(exc)[:200]) from None
+    except Image.UnidentifiedImageError:
+        if not data:
+            raise SampleError("truncated_image", "0 bytes") from None
+        if data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise SampleError("corrupt_image", "an image format's signature, but the header does not parse") from None
+        raise SampleError("unsupported_image", f"unknown signature {data[:8]!r}") from None
     except OSError as exc:
         msg = str(exc)
         reason = "truncated_image" if "truncat" in msg.lower() else "corrupt_image"
@@ -235,10 +247,8 @@ class Source(ABC):
 
     def check_image(self, data: bytes) -> tuple[int, int]:
         """(width, height) of image bytes after a cheap decode; raises SampleError."""
-        size = open_image_bytes(data, max_pixels=self.options.get("max_pixels") or DEFAULT_MAX_PIXELS,
+        return open_image_bytes(data, max_pixels=self.options.get("max_pixels") or DEFAULT_MAX_PIXELS,
                                 min_side=self.options.get("min_side") or 1, verify_only=True)
-        assert isinstance(size, tuple)
-        return size
 
     @property
     def max_bytes(self) -> int:

@@ -160,7 +160,7 @@ class ColumnPlan:
 
     def columns(self) -> list[str]:
         parts = [self.id, self.path, self.url, self.caption, self.label]
-        return [c for c in parts if c] + list(self.extras)
+        return list(dict.fromkeys([c for c in parts if c] + list(self.extras)))
 
 
 def plan_columns(schema: pa.Schema, options: Mapping[str, Any], file: str) -> ColumnPlan:

@@ -1,0 +1,87 @@
+"""dashboard.charts: pure DataFrame -> Figure functions, tested without Streamlit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from dashboard import charts
+
+DATASETS = pd.DataFrame({
+    "name": ["web_pool", "val_bench", "sketch", "ref_clean"],
+    "role": ["pool", "benchmark", "benchmark", "reference"],
+    "n_samples": [1000, 90, 50, 40],
+    "n_skipped": [12, 0, 3, 0],
+})
+ISSUES = pd.DataFrame({
+    "dataset": ["web_pool", "web_pool", "web_pool", "sketch"],
+    "reason": ["corrupt_image", "caption_not_utf8", "missing_file", "corrupt_image"],
+    "action": ["skipped", "repaired", "skipped", "skipped"],
+    "count": [10, 4, 2, 3],
+})
+
+
+def test_charts_module_does_not_import_streamlit():
+    code = "import sys, dashboard.charts; print('streamlit' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_samples_per_dataset_has_one_trace_per_role_and_skipped():
+    fig = charts.samples_per_dataset(DATASETS)
+    assert isinstance(fig, go.Figure)
+    assert [t.name for t in fig.data] == ["pool", "benchmark", "reference", "skipped"]
+    assert all(t.type == "bar" for t in fig.data)
+    by_name = {t.name: t for t in fig.data}
+    assert list(by_name["benchmark"].x) == ["val_bench", "sketch"]
+    assert list(by_name["benchmark"].y) == [90, 50]
+    assert list(by_name["pool"].y) == [1000]
+    assert list(by_name["skipped"].x) == ["web_pool", "val_bench", "sketch", "ref_clean"]
+    assert list(by_name["skipped"].y) == [12, 0, 3, 0]
+    assert by_name["pool"].marker.color == charts.ROLE_COLORS["pool"]
+    assert fig.layout.barmode == "stack"
+    assert fig.layout.yaxis.title.text == "samples"
+    assert list(fig.layout.xaxis.categoryarray) == DATASETS["name"].tolist()
+
+
+def test_samples_per_dataset_keeps_unknown_roles():
+    df = DATASETS.assign(role=["pool", "benchmark", "mystery", "reference"])
+    names = [t.name for t in charts.samples_per_dataset(df).data]
+    assert names == ["pool", "benchmark", "reference", "mystery", "skipped"]
+
+
+def test_skip_reasons_sums_over_datasets_per_action():
+    fig = charts.skip_reasons(ISSUES)
+    assert [t.name for t in fig.data] == ["skipped", "repaired"]
+    skipped = dict(zip(fig.data[0].y, fig.data[0].x, strict=True))
+    assert skipped == {"corrupt_image": 13, "missing_file": 2}
+    assert dict(zip(fig.data[1].y, fig.data[1].x, strict=True)) == {"caption_not_utf8": 4}
+    assert all(t.orientation == "h" for t in fig.data)
+    assert fig.layout.xaxis.title.text == "entries"
+    # largest total at the top (plotly draws the first category at the bottom)
+    assert list(fig.layout.yaxis.categoryarray) == ["missing_file", "caption_not_utf8", "corrupt_image"]
+    assert fig.layout.showlegend is True
+
+
+def test_small_counts_get_whole_number_ticks():
+    fig = charts.skip_reasons(ISSUES.head(1).assign(count=1))
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tickformat == ",d"
+    assert charts.samples_per_dataset(DATASETS).layout.yaxis.dtick is None
+
+
+@pytest.mark.parametrize("build", [charts.samples_per_dataset, charts.skip_reasons])
+def test_empty_input_gives_a_message_not_an_error(build):
+    fig = build(pd.DataFrame(columns=["name", "role", "n_samples", "n_skipped", "reason", "action", "count"]))
+    assert not fig.data
+    assert fig.layout.annotations and fig.layout.annotations[0].text
+
+
+def test_labels_are_escaped_so_plotly_cannot_render_tags_or_links():
+    df = DATASETS.head(1).assign(name=['<a href="http://evil">x</a>'])
+    fig = charts.samples_per_dataset(df)
+    assert list(fig.data[0].x) == ['&lt;a href="http://evil"&gt;x&lt;/a&gt;']
+    assert charts.plain("a & <b>") == "a &amp; &lt;b&gt;"
