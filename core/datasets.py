@@ -44,7 +44,8 @@ from core.errors import (
     PathOutsideWorkspace,
     UnknownName,
 )
-from core.sources import INDEX_COLUMNS, SOURCES, IssueReport, SampleError, Source
+from core.sources import SOURCES, IssueReport, SampleError, Source
+from core.sources.base import INDEX_TYPES
 from core.store.catalog import utcnow
 from core.workspace import Workspace, validate_name
 
@@ -54,14 +55,8 @@ ROLES = ("pool", "benchmark", "reference")
 INDEX_FILE = "index.parquet"
 CLASSES_FILE = "classes.json"
 META_FILE = "meta.json"
-#: Rows buffered in memory before a chunk of the index is written.
+#: Rows per chunk a scan hands over (the memory registration holds at once).
 CHUNK_ROWS = 65_536
-#: Arrow types of the columns every index has.
-CORE_TYPES: dict[str, pa.DataType] = {
-    "id": pa.string(), "locator": pa.string(), "offset": pa.int64(), "size": pa.int64(),
-    "caption": pa.string(), "label": pa.int32(),
-}
-assert tuple(CORE_TYPES) == INDEX_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -130,21 +125,32 @@ def register_dataset(ws: Workspace, name: str, kind: str, uri: str | Path, *, ro
 
 def _scan_to_index(source: Source, report: IssueReport, dest: Path, *, verify: bool, progress: bool,
                    name: str) -> tuple[int, bool]:
-    """Stream scan rows, dropping duplicate ids (counted), into ``dest``; returns (rows, any caption)."""
+    """Stream the scan's tables, dropping duplicate ids (counted), into ``dest``; returns (rows, any caption)."""
     seen: set[str] = set()
     writer = IndexWriter(dest)
+    bar = tqdm(desc=f"scanning {name}", unit="sample", disable=not progress)
     try:
-        for row in tqdm(source.scan(report, verify=verify), desc=f"scanning {name}", unit="sample",
-                        disable=not progress):
-            sid = str(row["id"])
-            if sid in seen:
-                report.skip("duplicate_id", sid)
-                continue
-            seen.add(sid)
-            writer.add(row)
+        for table in source.scan_tables(report, verify=verify, chunk_rows=CHUNK_ROWS):
+            writer.add(drop_duplicate_ids(table, seen, report))
+            bar.update(table.num_rows)
     except OSError as exc:  # e.g. a folder that cannot be listed: the dataset as a whole is unreadable
         raise DataError(f"cannot read {source.kind} source {source.root}: {exc.strerror or exc}") from None
+    finally:
+        bar.close()
     return writer.close(), writer.has_captions
+
+
+def drop_duplicate_ids(table: pa.Table, seen: set[str], report: IssueReport) -> pa.Table:
+    """``table`` without rows whose id is in ``seen`` (or earlier in the table), each counted; updates ``seen``."""
+    keep = []
+    for sid in table.column("id").to_pylist():
+        if sid in seen:
+            report.skip("duplicate_id", sid)
+            keep.append(False)
+        else:
+            seen.add(sid)
+            keep.append(True)
+    return table if all(keep) else table.filter(pa.array(keep))
 
 
 def _write_sidecars(source: Source, folder: Path) -> list[str] | None:
@@ -194,42 +200,33 @@ def _exists(ws: Workspace, name: str) -> bool:
 
 # -- the index writer ----------------------------------------------------------------------------------
 class IndexWriter:
-    """Writes index rows to parquet in chunks of :data:`CHUNK_ROWS`, whatever extra columns appear.
+    """Writes index tables to parquet as they come, whatever extra columns appear.
 
-    Rows are buffered, each chunk becomes a part file with its own inferred types; :meth:`close`
-    settles one type per column (mixed numbers -> float64, anything else mixed -> text), and streams
-    the parts into ``dest`` one at a time. Memory holds one chunk, never the whole index.
+    Each table becomes a part file with its own types; :meth:`close` settles one type per column
+    (mixed numbers -> float64, anything else mixed -> text) and streams the parts into ``dest`` one at
+    a time. Memory holds one table, never the whole index.
     """
 
-    def __init__(self, dest: Path, chunk_rows: int | None = None) -> None:
+    def __init__(self, dest: Path) -> None:
         self.dest = dest
-        self.chunk_rows = chunk_rows or CHUNK_ROWS
         self.parts_dir = dest.parent / ".parts"
-        self._rows: list[dict[str, Any]] = []
         self._parts: list[tuple[Path, pa.Schema]] = []
         self.n_rows = 0
         self.has_captions = False
 
-    def add(self, row: dict[str, Any]) -> None:
-        self._rows.append(row)
-        self.has_captions = self.has_captions or row.get("caption") is not None
-        if len(self._rows) >= self.chunk_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._rows:
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
             return
-        table = rows_to_table(self._rows)
         path = self.parts_dir / f"part-{len(self._parts):06d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
         self._parts.append((path, table.schema))
         self.n_rows += table.num_rows
-        self._rows = []
+        if "caption" in table.column_names:
+            self.has_captions = self.has_captions or table.column("caption").null_count < table.num_rows
 
     def close(self) -> int:
         """Write ``dest`` from the parts; returns the row count (0 writes nothing)."""
-        self._flush()
         if self._parts:
             schema = unify_schemas([s for _, s in self._parts])
             with atomic.atomic_path(self.dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
@@ -239,36 +236,17 @@ class IndexWriter:
         return self.n_rows
 
 
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Index rows as an Arrow table: :data:`CORE_TYPES` first, then extras in first-seen order."""
-    names = list(CORE_TYPES)
-    for row in rows:
-        names.extend(k for k in row if k not in names)
-    arrays = [column_array([row.get(n) for row in rows], CORE_TYPES.get(n)) for n in names]
-    return pa.table(arrays, names=names)
-
-
-def column_array(values: list[Any], type_: pa.DataType | None = None) -> pa.Array:
-    """One column; values Arrow cannot hold in one type (1 and "a", True and 2) become text."""
-    try:
-        return pa.array(values, type=type_, from_pandas=True)
-    except (pa.ArrowException, OverflowError, TypeError, ValueError):
-        if type_ is not None and type_ != pa.string():
-            raise
-        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
-
-
 def unify_schemas(schemas: list[pa.Schema]) -> pa.Schema:
     """One type per column over all chunks: equal types stay, numbers widen to float64, else text."""
-    types: dict[str, list[pa.DataType]] = {}
+    types: dict[str, list[pa.DataType]] = {name: [] for name in INDEX_TYPES}
     for schema in schemas:
         for fld in schema:
             types.setdefault(fld.name, []).append(fld.type)
     fields = []
     for name, seen in types.items():
         kinds = {t for t in seen if not pa.types.is_null(t)}
-        if name in CORE_TYPES:
-            out = CORE_TYPES[name]
+        if name in INDEX_TYPES:
+            out = INDEX_TYPES[name]
         elif not kinds:
             out = pa.string()
         elif len(kinds) == 1:

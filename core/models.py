@@ -216,7 +216,7 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 def load_clip(arch: str, pretrained: str | None = None, *, checkpoint: str | os.PathLike[str] | None = None,
               device: str | torch.device | None = None, cache_dir: str | os.PathLike[str] | None = None,
-              precision: str = "auto") -> LoadedClip:
+              precision: str = "auto", seed: int = 0) -> LoadedClip:
     """Build ``arch`` with weights from a pretrained tag, a local checkpoint, or random init.
 
     Args:
@@ -226,6 +226,8 @@ def load_clip(arch: str, pretrained: str | None = None, *, checkpoint: str | os.
         device: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:N``.
         cache_dir: download cache for pretrained weights (default: the hub's / open_clip's own).
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (autocast in the encode helpers).
+        seed: seeds the initialisation (without touching the global RNG), so that a randomly
+            initialised model is the same in every process: a resumed embedding matches the first run.
 
     Raises:
         UnknownName: unknown architecture or pretrained tag (lists the alternatives).
@@ -244,7 +246,8 @@ def load_clip(arch: str, pretrained: str | None = None, *, checkpoint: str | os.
     create_kw: dict[str, Any] = {}
     if pretrained:
         create_kw = _pretrained_kwargs(arch, pretrained, cache_dir)
-    with _quiet_random_init(bool(checkpoint)):
+    with _quiet_random_init(bool(checkpoint)), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         model, preprocess_train, preprocess = open_clip.create_model_and_transforms(arch, device="cpu", **create_kw)
     if checkpoint:
         _load_checkpoint_into(model, Path(checkpoint), arch)

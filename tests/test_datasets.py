@@ -23,6 +23,7 @@ from core.datasets import (
 )
 from core.errors import ConfigError, DataError, UnknownName
 from core.sources import INDEX_COLUMNS, IssueReport
+from core.sources.base import rows_to_table
 from core.workspace import Workspace
 
 
@@ -99,15 +100,15 @@ def test_index_streams_in_chunks_with_varying_columns(ws: Workspace, tmp_path: P
 
 
 def test_index_writer_settles_one_type_per_column(tmp_path: Path) -> None:
-    writer = IndexWriter(tmp_path / "index.parquet", chunk_rows=2)
+    writer = IndexWriter(tmp_path / "index.parquet")
     rows = [
         {"id": "1", "locator": "a", "score": 1, "tag": 5, "flag": True},
         {"id": "2", "locator": "b", "score": 2, "tag": "x"},          # int + str in one chunk -> text
         {"id": "3", "locator": "c", "score": 2.5, "late": "only here", "flag": None},
         {"id": "4", "locator": "d", "score": None, "tag": 7, "big": 2**70},  # too big for int64 -> text
     ]
-    for row in rows:
-        writer.add(row)
+    for chunk in (rows[:2], rows[2:]):
+        writer.add(rows_to_table(chunk))
     assert writer.close() == 4 and not (tmp_path / ".parts").exists()
     table = pq.read_table(tmp_path / "index.parquet")
     types = {f.name: f.type for f in table.schema}

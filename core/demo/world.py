@@ -73,6 +73,8 @@ def generate_world(out: Path, *, size: str = "small", seed: int = 0, progress: b
             unrelated files.
     """
     spec = _size if _size is not None else _named_size(size)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"the demo world seed must be a non-negative integer, got {seed!r}")
     out = Path(out)
     world = World(out, spec, seed, progress)
     parts = build_parts(world)

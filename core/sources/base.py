@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, overload
 
+import pyarrow as pa
 from PIL import Image
 
 from core.errors import PathOutsideWorkspace
@@ -33,6 +34,13 @@ from core.workspace import safe_join
 
 #: Columns every index has (``offset``/``size`` locate a member inside a tar; null otherwise).
 INDEX_COLUMNS = ("id", "locator", "offset", "size", "caption", "label")
+#: Their Arrow types in the index parquet.
+INDEX_TYPES: dict[str, pa.DataType] = {
+    "id": pa.string(), "locator": pa.string(), "offset": pa.int64(), "size": pa.int64(),
+    "caption": pa.string(), "label": pa.int32(),
+}
+#: Index rows per Arrow table handed to registration (bounds the memory a scan holds).
+CHUNK_ROWS = 65_536
 
 #: Why an entry was skipped (action "skipped") or repaired (action "repaired").
 SKIP_REASONS = {
@@ -119,12 +127,15 @@ class IssueReport:
         return "; ".join(parts) or "no problems found"
 
 
-def decode_caption(raw: bytes | str | None, report: IssueReport | None = None, where: str = "") -> str | None:
+def decode_caption(raw: bytes | str | Any, report: IssueReport | None = None, where: str = "") -> str | None:
     """Caption text; non-UTF-8 bytes are decoded with U+FFFD and counted as repaired."""
     if raw is None:
         return None
     if isinstance(raw, str):
         return raw
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        return str(raw)  # a number or date in a caption column
+    raw = bytes(raw)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -210,6 +221,23 @@ class Source(ABC):
         dataset's images. Raises DataError for problems of the whole dataset.
         """
 
+    def scan_tables(self, report: IssueReport, *, verify: bool = True,
+                    chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+        """The scan as Arrow tables of up to ``chunk_rows`` rows (what registration consumes).
+
+        The default chunks :meth:`scan`'s rows; a columnar source (LAION metadata) overrides it to
+        build whole batches without a Python dict per row. Columns: INDEX_COLUMNS typed as
+        :data:`INDEX_TYPES`, then the extras.
+        """
+        rows: list[dict[str, Any]] = []
+        for row in self.scan(report, verify=verify):
+            rows.append(row)
+            if len(rows) >= chunk_rows:
+                yield rows_to_table(rows)
+                rows = []
+        if rows:
+            yield rows_to_table(rows)
+
     @abstractmethod
     def read_bytes(self, row: Mapping[str, Any]) -> bytes:
         """The raw image bytes of one index row; raises SampleError (PathOutsideWorkspace for escapes)."""
@@ -260,6 +288,25 @@ def index_row(sid: Any, locator: str | None, *, offset: int | None = None, size:
     """One index row: :data:`INDEX_COLUMNS` (id as text) followed by the source's extra columns."""
     return {"id": str(sid), "locator": locator, "offset": offset, "size": size, "caption": caption,
             "label": label, **extras}
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Index rows as an Arrow table: INDEX_COLUMNS (typed) first, then extras in first-seen order."""
+    names = dict.fromkeys(INDEX_TYPES)
+    for keys in dict.fromkeys(tuple(row) for row in rows):  # distinct key layouts, in order
+        names.update(dict.fromkeys(keys))
+    arrays = [column_array([row.get(n) for row in rows], INDEX_TYPES.get(n)) for n in names]
+    return pa.table(arrays, names=list(names))
+
+
+def column_array(values: list[Any], type_: pa.DataType | None = None) -> pa.Array:
+    """One column; values Arrow cannot hold in one type (1 and "a", True and 2, 2**70) become text."""
+    try:
+        return pa.array(values, type=type_, from_pandas=True)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        if type_ is not None and type_ != pa.string():
+            raise
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
 
 
 def read_local_file(base: Path, rel: str, *, max_bytes: int = DEFAULT_MAX_BYTES, header_only: bool = False) -> bytes:

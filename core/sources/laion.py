@@ -29,41 +29,48 @@ import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from core.errors import DataError, MissingFileError, PathOutsideWorkspace
 from core.registry import ParamSpec
 from core.sources.base import (
+    CHUNK_ROWS,
     IMAGE_EXTENSIONS,
     INDEX_COLUMNS,
     SOURCES,
     IssueReport,
     SampleError,
     Source,
-    decode_caption,
-    index_row,
     is_url,
     read_local_file,
 )
 from core.sources.parquet import (
     CAPTION_NAMES,
     URL_NAMES,
-    batch_columns,
+    as_strings,
+    caption_strings,
     extra_columns,
     find_column,
+    id_strings,
     iter_batches,
     open_parquet,
+    plain,
 )
 from core.workspace import safe_join
 
 META_DIRS = ("metadata", "laion2B-en-metadata")
 LAION_ID_NAMES = ("key", "image_path", "uid", "sample_id")
 DEFAULT_BATCH_ROWS = 65_536
+#: (RE2 syntax, for Arrow) an image file extension at the end, and a URL scheme at the start.
+_IMAGE_SUFFIX_RE = r"(?i)(" + "|".join(e.replace(".", "\\.") for e in IMAGE_EXTENSIONS) + ")$"
+_URL_PREFIX_RE = r"^[a-zA-Z][a-zA-Z0-9+.-]*://"
 _FILE_RE = {
     "img": re.compile(r"^img_emb_(\d+)\.npy$"),
     "text": re.compile(r"^text_emb_(\d+)\.npy$"),
@@ -122,6 +129,17 @@ def check_widths(arrays: Mapping[Path, np.ndarray]) -> int:
         if arr.shape[1] != common:
             raise DataError(f"wrong embedding width: {path.name} has {arr.shape[1]} columns, the others {common}")
     return common
+
+
+@dataclass
+class MetadataPlan:
+    """Which metadata column plays which part (actual names), and the extras: column -> index name."""
+
+    id: str | None
+    caption: str | None
+    url: str | None
+    path: str | None
+    extras: dict[str, str] = field(default_factory=dict)
 
 
 @SOURCES.register(
@@ -221,43 +239,37 @@ class LaionSource(Source):
     # -- scan ----------------------------------------------------------------------------------------
     def scan(self, report: IssueReport, *, verify: bool = True) -> Iterator[dict[str, Any]]:
         """Index rows of every partition; ``verify`` is unused (every embedding row is checked)."""
+        for table in self.scan_tables(report, verify=verify):
+            yield from table.to_pylist()
+
+    def scan_tables(self, report: IssueReport, *, verify: bool = True,
+                    chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+        """The index built column-wise, one metadata record batch at a time (no dict per row)."""
         self.has_images = False
+        batch_rows = min(int(self.options.get("batch_rows") or DEFAULT_BATCH_ROWS), chunk_rows)
         for part in self.partitions():
-            yield from self._scan_partition(part, report)
+            with closing(open_parquet(part.metadata)) as pf:
+                plan = self._plan(pf.schema_arrow, part.metadata.name)
+                for start, batch, good in self._batches(part, pf, batch_rows):
+                    yield self._table(part, plan, start, batch, good, report)
 
-    def _scan_partition(self, part: Partition, report: IssueReport) -> Iterator[dict[str, Any]]:
-        with closing(open_parquet(part.metadata)) as pf:
-            names = pf.schema_arrow.names
-            id_col = self._id_col(names, part.metadata.name)
-            caption_col = find_column(names, CAPTION_NAMES, self.options.get("caption_col"),
-                                      what="caption", file=part.metadata.name)
-            url_col = find_column(names, URL_NAMES)
-            path_col = find_column(names, ("image_path",))
-            extras = extra_columns(pf.schema_arrow, [id_col, caption_col, url_col],
-                                   reserved=(*INDEX_COLUMNS, "partition", "row", "url"))
-            for start, batch, good in self._batches(part, pf):
-                cols = batch_columns(batch)
-                for i in range(batch.num_rows):
-                    row = start + i
-                    if not good[i]:
-                        report.skip("bad_embedding", f"partition {part.number} row {row}")
-                        continue
-                    values = {name: col[i] for name, col in cols.items()}
-                    sid = values[id_col] if id_col and values[id_col] is not None else f"{part.number}:{row}"
-                    locator = self._locator(values.get(path_col) if path_col else None,
-                                            values.get(url_col) if url_col else None)
-                    caption = decode_caption(values[caption_col], report, str(sid)) if caption_col else None
-                    extra = {name: values[col] for col, name in extras.items()}
-                    if url_col:
-                        extra["url"] = values[url_col]
-                    yield index_row(sid, locator, caption=caption, partition=part.number, row=row, **extra)
+    def _plan(self, schema: pa.Schema, file: str) -> MetadataPlan:
+        names = schema.names
+        plan = MetadataPlan(
+            id=self._id_col(names, file),
+            caption=find_column(names, CAPTION_NAMES, self.options.get("caption_col"), what="caption", file=file),
+            url=find_column(names, URL_NAMES),
+            path=find_column(names, ("image_path",)),
+        )
+        plan.extras.update(extra_columns(schema, [plan.id, plan.caption, plan.url],
+                                         reserved=(*INDEX_COLUMNS, "partition", "row", "url")))
+        return plan
 
-    def _batches(self, part: Partition, pf: Any) -> Iterator[tuple[int, Any, np.ndarray]]:
+    def _batches(self, part: Partition, pf: Any, batch_rows: int) -> Iterator[tuple[int, pa.RecordBatch, np.ndarray]]:
         """(first row, metadata batch, (n,) valid-embedding mask) aligned over the partition."""
         img = load_npy(part.img)
         text = load_npy(part.text) if part.text else None
         start = 0
-        batch_rows = int(self.options.get("batch_rows") or DEFAULT_BATCH_ROWS)
         for batch in iter_batches(pf, pf.schema_arrow.names, part.metadata, batch_rows):
             stop = start + batch.num_rows
             good = valid_rows(np.asarray(img[start:stop], dtype=np.float32))
@@ -266,23 +278,68 @@ class LaionSource(Source):
             yield start, batch, good
             start = stop
 
-    def _locator(self, image_path: Any, url: Any) -> str | None:
-        """image_path when it is an existing local image file under the image root, else url, else None."""
-        if isinstance(image_path, str) and image_path and not is_url(image_path) \
-                and PurePosixPath(image_path).suffix.lower() in IMAGE_EXTENSIONS:
-            rel = image_path
-            if PurePosixPath(image_path).is_absolute():
-                try:
-                    rel = Path(image_path).resolve().relative_to(self.image_base).as_posix()
-                except ValueError:
-                    rel = ""
+    def _table(self, part: Partition, plan: MetadataPlan, start: int, batch: pa.RecordBatch, good: np.ndarray,
+               report: IssueReport) -> pa.Table:
+        """One batch's index rows (INDEX_COLUMNS, partition, row, extras, url), bad embeddings dropped."""
+        n = batch.num_rows
+        rows = np.arange(start, start + n, dtype=np.int64)
+        ids = id_strings(batch.column(plan.id) if plan.id else None, str(part.number), rows)
+        cols: dict[str, pa.Array] = {
+            "id": ids,
+            "locator": self._locators(batch, plan),
+            "offset": pa.nulls(n, pa.int64()),
+            "size": pa.nulls(n, pa.int64()),
+            "caption": caption_strings(batch.column(plan.caption), ids, report) if plan.caption
+            else pa.nulls(n, pa.string()),
+            "label": pa.nulls(n, pa.int32()),
+            "partition": pa.array(np.full(n, part.number, dtype=np.int64)),
+            "row": pa.array(rows),
+        }
+        cols.update({name: plain(batch.column(col)) for col, name in plan.extras.items()})
+        if plan.url:
+            cols["url"] = plain(batch.column(plan.url))
+        table = pa.table(cols)
+        bad = np.flatnonzero(~good)
+        for i in bad:
+            report.skip("bad_embedding", f"partition {part.number} row {start + int(i)}")
+        return table.filter(pa.array(good)) if len(bad) else table
+
+    def _locators(self, batch: pa.RecordBatch, plan: MetadataPlan) -> pa.Array:
+        """image_path where it names an existing local image file, else url, else null."""
+        n = batch.num_rows
+        urls = as_strings(batch.column(plan.url)) if plan.url else pa.nulls(n, pa.string())
+        if plan.path is None:
+            return urls
+        paths = as_strings(batch.column(plan.path))
+        # Only paths ending in an image extension can be local files (LAION's are webdataset keys).
+        maybe = pc.and_(pc.match_substring_regex(paths, _IMAGE_SUFFIX_RE),
+                        pc.invert(pc.match_substring_regex(paths, _URL_PREFIX_RE)))
+        maybe = pc.fill_null(maybe, False)
+        candidates = np.flatnonzero(maybe.to_numpy(zero_copy_only=False))
+        if not len(candidates):
+            return urls
+        out = urls.to_pylist()
+        for i in candidates:
+            local = self._local_path(paths[int(i)].as_py())
+            if local is not None:
+                out[int(i)] = local
+        return pa.array(out, pa.string())
+
+    def _local_path(self, image_path: str) -> str | None:
+        """``image_path`` relative to the image root when it is an existing file there, else None."""
+        rel = image_path
+        if PurePosixPath(image_path).is_absolute():
             try:
-                if rel and safe_join(self.image_base, rel).is_file():
-                    self.has_images = True
-                    return rel
-            except PathOutsideWorkspace:
-                pass
-        return str(url) if url else None
+                rel = Path(image_path).resolve().relative_to(self.image_base).as_posix()
+            except ValueError:
+                return None
+        try:
+            if safe_join(self.image_base, rel).is_file():
+                self.has_images = True
+                return rel
+        except PathOutsideWorkspace:
+            pass
+        return None
 
     # -- reading -------------------------------------------------------------------------------------
     def read_bytes(self, row: Mapping[str, Any]) -> bytes:
@@ -315,25 +372,26 @@ class LaionSource(Source):
         path = part.img if which == "img" else part.text
         assert path is not None  # embedding_dim(which) checked the folder exists
         arr = load_npy(path)
-        for start, raw in self._id_chunks(part, batch_rows):
-            rows = np.arange(start, start + len(raw), dtype=np.int64)
-            ids = [str(v) if v is not None else f"{part.number}:{r}" for v, r in zip(raw, rows, strict=True)]
-            vectors = np.asarray(arr[start:start + len(raw)], dtype=np.float32)
-            meta = pd.DataFrame({"id": ids, "partition": part.number, "row": rows})
+        for start, ids in self._id_chunks(part, batch_rows):
+            rows = np.arange(start, start + len(ids), dtype=np.int64)
+            vectors = np.asarray(arr[start:start + len(ids)], dtype=np.float32)
+            meta = pd.DataFrame({"id": ids.to_pylist(), "partition": part.number, "row": rows})
             if valid_only:
                 keep = valid_rows(vectors)
                 meta, vectors = meta[keep].reset_index(drop=True), vectors[keep]
             yield meta, vectors
 
-    def _id_chunks(self, part: Partition, batch_rows: int) -> Iterator[tuple[int, list[Any]]]:
-        """(first row, raw id values or Nones) in batches; batch sizes follow the parquet's row groups."""
+    def _id_chunks(self, part: Partition, batch_rows: int) -> Iterator[tuple[int, pa.Array]]:
+        """(first row, ids exactly as the index has them); batch sizes follow the parquet's row groups."""
         with closing(open_parquet(part.metadata)) as pf:
             id_col = self._id_col(pf.schema_arrow.names, part.metadata.name)
             if id_col is None:
                 for start in range(0, part.rows, batch_rows):
-                    yield start, [None] * (min(start + batch_rows, part.rows) - start)
+                    rows = np.arange(start, min(start + batch_rows, part.rows), dtype=np.int64)
+                    yield start, id_strings(None, str(part.number), rows)
                 return
             start = 0
             for batch in iter_batches(pf, [id_col], part.metadata, batch_rows):
-                yield start, batch.column(0).to_pylist()
+                rows = np.arange(start, start + batch.num_rows, dtype=np.int64)
+                yield start, id_strings(batch.column(0), str(part.number), rows)
                 start += batch.num_rows

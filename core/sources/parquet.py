@@ -31,12 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.errors import DataError, MissingFileError
 from core.registry import ParamSpec
 from core.sources.base import (
+    CHUNK_ROWS,
     INDEX_COLUMNS,
     SOURCES,
     IssueReport,
@@ -48,6 +51,7 @@ from core.sources.base import (
     is_url,
     natural_key,
     read_local_file,
+    rows_to_table,
 )
 
 log = logging.getLogger(__name__)
@@ -140,6 +144,42 @@ def extra_columns(schema: pa.Schema, used: Sequence[str | None],
     return out
 
 
+# -- column-wise helpers (Arrow arrays in, Arrow arrays out) ----------------------------------------------
+def plain(col: pa.Array) -> pa.Array:
+    """A dictionary-encoded column decoded to its value type; other columns unchanged."""
+    return pc.cast(col, col.type.value_type) if pa.types.is_dictionary(col.type) else col
+
+
+def as_strings(col: pa.Array) -> pa.Array:
+    """A column as text (numbers formatted like ``str``; bytes decoded with replacement characters)."""
+    col = plain(col)
+    if pa.types.is_string(col.type):
+        return col
+    if pa.types.is_integer(col.type) or pa.types.is_large_string(col.type):
+        return pc.cast(col, pa.string())
+    return pa.array([None if v is None else decode_caption(v) if isinstance(v, bytes) else str(v)
+                     for v in col.to_pylist()], pa.string())
+
+
+def id_strings(col: pa.Array | None, prefix: str, rows: np.ndarray) -> pa.Array:
+    """Sample ids as text; missing ones (no id column, or a null) become ``<prefix>:<row>``."""
+    if col is not None:
+        ids = as_strings(col)
+        if not ids.null_count:
+            return ids
+    fallback = pa.array([f"{prefix}:{r}" for r in rows.tolist()], pa.string())
+    return fallback if col is None else pc.if_else(pc.is_null(ids), fallback, ids)
+
+
+def caption_strings(col: pa.Array, ids: pa.Array, report: IssueReport) -> pa.Array:
+    """Captions as text; non-UTF-8 bytes are decoded with U+FFFD and counted as repaired."""
+    col = plain(col)
+    if not pa.types.is_binary(col.type) and not pa.types.is_large_binary(col.type):
+        return as_strings(col)
+    return pa.array([decode_caption(v, report, str(sid)) for v, sid in zip(col.to_pylist(), ids.to_pylist(),
+                                                                            strict=True)], pa.string())
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -186,6 +226,99 @@ def plan_columns(schema: pa.Schema, options: Mapping[str, Any], file: str) -> Co
     return ColumnPlan(found["id"], found["path"], found["url"], found["caption"], found["label"], extras, text_label)
 
 
+def url_table(batch: pa.RecordBatch, plan: ColumnPlan, label_ids: dict[str, int], report: IssueReport,
+              stem: str, start: int) -> pa.Table:
+    """Index rows of one batch of a URL-only file, built column-wise (same rows as the row-wise path).
+
+    Rows with a null id or url are skipped (``missing_value``), then rows with a label that is not an
+    integer >= 0 (``bad_label``); the rest become one table.
+    """
+    rows = np.arange(start, start + batch.num_rows, dtype=np.int64)
+    keep = _valid_url_rows(batch, plan, report, [f"{stem}:{r}" for r in rows.tolist()])
+    if not keep.all():
+        batch, rows = batch.filter(pa.array(keep)), rows[keep]
+    n = batch.num_rows
+    ids = id_strings(batch.column(plan.id) if plan.id else None, stem, rows)
+    urls = as_strings(batch.column(plan.url)) if plan.url else pa.nulls(n, pa.string())
+    labels, class_names = batch_labels(batch.column(plan.label) if plan.label else None, n, plan, label_ids)
+    cols: dict[str, pa.Array] = {
+        "id": ids, "locator": urls, "offset": pa.nulls(n, pa.int64()), "size": pa.nulls(n, pa.int64()),
+        "caption": caption_strings(batch.column(plan.caption), ids, report) if plan.caption
+        else pa.nulls(n, pa.string()),
+        "label": labels,
+    }
+    cols.update({name: plain(batch.column(col)) for col, name in plan.extras.items()})
+    cols["url"] = urls
+    if class_names is not None:
+        cols["class_name"] = class_names
+    return pa.table(cols)
+
+
+def _valid_url_rows(batch: pa.RecordBatch, plan: ColumnPlan, report: IssueReport, where: list[str]) -> np.ndarray:
+    """(n,) rows to keep; each dropped row is counted with the first reason that applies."""
+    keep = np.ones(batch.num_rows, dtype=bool)
+    if plan.id:
+        _skip(report, keep, _nulls(batch.column(plan.id)), "missing_value", where, f"{plan.id} is null")
+    if plan.url:
+        urls = as_strings(batch.column(plan.url))
+        _skip(report, keep, _nulls(urls) | _empty(urls), "missing_value", where, f"{plan.url} is null")
+    if plan.label and not plan.label_is_text:
+        _skip(report, keep, _bad_labels(batch.column(plan.label)), "bad_label", where, "not an integer >= 0")
+    return keep
+
+
+def batch_labels(col: pa.Array | None, n: int, plan: ColumnPlan,
+                 label_ids: dict[str, int]) -> tuple[pa.Array, pa.Array | None]:
+    """(int32 labels, class names or None): text labels by sorted class index, numbers as they are.
+
+    Numeric labels must already be valid (see :func:`_bad_labels`); nulls stay null.
+    """
+    if col is None:
+        return pa.nulls(n, pa.int32()), None
+    if plan.label_is_text:
+        names = as_strings(col)
+        classes = pa.array(sorted(label_ids, key=label_ids.__getitem__), pa.string())
+        return pc.cast(pc.index_in(names, value_set=classes), pa.int32()), names
+    return pc.cast(pc.cast(plain(col), pa.float64()), pa.int32()), None
+
+
+def _bad_labels(col: pa.Array) -> np.ndarray:
+    """(n,) True where a numeric label is present (not null) but NaN, negative or not integral."""
+    col = plain(col)
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_decimal(col.type)):
+        return ~_nulls(col)  # booleans, dates...: not labels
+    values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    ok = np.isfinite(values) & (values >= 0) & (np.mod(values, 1) == 0)
+    return ~_nulls(col) & ~ok
+
+
+def _nulls(col: pa.Array) -> np.ndarray:
+    return np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _empty(col: pa.Array) -> np.ndarray:
+    return np.asarray(pc.fill_null(pc.equal(col, ""), False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _skip(report: IssueReport, keep: np.ndarray, bad: np.ndarray, reason: str, where: list[str], what: str) -> None:
+    """Count ``reason`` for rows still kept that are ``bad``, and drop them from ``keep``."""
+    for i in np.flatnonzero(keep & bad):
+        report.skip(reason, f"{where[i]}: {what}")
+    keep &= ~bad
+
+
+def chunked_tables(rows: Iterator[dict[str, Any]], chunk_rows: int) -> Iterator[pa.Table]:
+    """Index rows gathered into Arrow tables of up to ``chunk_rows``."""
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= chunk_rows:
+            yield rows_to_table(chunk)
+            chunk = []
+    if chunk:
+        yield rows_to_table(chunk)
+
+
 @SOURCES.register(
     "parquet",
     summary="parquet file(s) of image paths or URLs + captions (DataComp metadata, LAION URL+text)",
@@ -220,11 +353,29 @@ class ParquetSource(Source):
         return out
 
     def scan(self, report: IssueReport, *, verify: bool = True) -> Iterator[dict[str, Any]]:
+        for table in self.scan_tables(report, verify=verify):
+            yield from table.to_pylist()
+
+    def scan_tables(self, report: IssueReport, *, verify: bool = True,
+                    chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+        """Files with local paths row by row (each file is checked); URL-only files column-wise."""
         plans = self._plans()
         self.has_images = any(plan.path is not None for _, plan in plans)
         label_ids = self._text_label_ids(plans)
         for path, plan in plans:
-            yield from self._scan_file(path, plan, label_ids, report, verify)
+            if plan.path is None:
+                yield from self._url_tables(path, plan, label_ids, report, chunk_rows)
+            else:
+                yield from chunked_tables(self._scan_file(path, plan, label_ids, report, verify), chunk_rows)
+
+    def _url_tables(self, path: Path, plan: ColumnPlan, label_ids: dict[str, int], report: IssueReport,
+                    chunk_rows: int) -> Iterator[pa.Table]:
+        start = 0
+        batch_rows = min(int(self.options.get("batch_rows") or DEFAULT_BATCH_ROWS), chunk_rows)
+        with closing(open_parquet(path)) as pf:
+            for batch in iter_batches(pf, plan.columns(), path, batch_rows):
+                yield url_table(batch, plan, label_ids, report, path.stem, start)
+                start += batch.num_rows
 
     def _scan_file(self, path: Path, plan: ColumnPlan, label_ids: dict[str, int], report: IssueReport,
                    verify: bool) -> Iterator[dict[str, Any]]:

@@ -77,6 +77,8 @@ def test_unknown_size_is_a_config_error_listing_sizes(tmp_path):
     with pytest.raises(ConfigError) as exc:
         generate_world(tmp_path / "w", size="huge")
     assert all(name in str(exc.value) for name in ("tiny", "small", "full"))
+    with pytest.raises(ConfigError, match="seed"):
+        generate_world(tmp_path / "w", size="tiny", seed=-1)
     assert not (tmp_path / "w").exists()
 
 
@@ -229,6 +231,7 @@ def test_hard_parquet_paths_and_labels(world):
 
 def test_tar_members_are_img2dataset_like(world, truth):
     out, _ = world
+    all_failed = set()
     for shard, tar in enumerate(sorted((out / "pool").glob("*.tar"))):
         members, data = read_tar(tar)
         assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.isfile() for m in members)
@@ -237,7 +240,8 @@ def test_tar_members_are_img2dataset_like(world, truth):
         assert all(len(k) == 9 and int(k) // 10_000 == shard for k in keys)
         parquet = pd.read_parquet(tar.with_suffix(".parquet"))
         failed = set(parquet.loc[parquet["status"] == "failed_to_download", "key"])
-        assert failed and not failed & set(keys)
+        assert not failed & set(keys)
+        all_failed |= failed
         n_rows = min(MICRO.shard_size, MICRO.pool - shard * MICRO.shard_size)  # the last shard is short
         assert set(keys) | failed == {f"{shard * 10_000 + j:09d}" for j in range(n_rows)} == set(parquet["key"])
         for key in keys[:20]:
@@ -248,6 +252,7 @@ def test_tar_members_are_img2dataset_like(world, truth):
             dup_of = truth.loc[key, "dup_of"]
             assert sample["concept"] == truth.loc[key, "concept"]
             assert sample["dup_of"] == (None if pd.isna(dup_of) else dup_of)
+    assert all_failed, "some downloads fail, as in img2dataset"
 
 
 def test_exact_duplicates_have_identical_bytes(truth, pool_images):

@@ -130,3 +130,34 @@ def test_dictionary_encoded_strings_are_kept(tmp_path: Path) -> None:
     pq.write_table(table, tmp_path / "m.parquet")
     rows, _, _ = scan(tmp_path / "m.parquet")
     assert rows[0]["lang"] == "en"
+
+
+def test_url_only_fast_path_matches_the_row_path(tmp_path: Path) -> None:
+    """URL-only files are built column-wise; the rows and counts must equal the row-wise reader's."""
+    from core.sources.parquet import plan_columns, url_table
+
+    columns = {
+        "SAMPLE_ID": [1, None, 3, 4, 5, 6, 7, 8],
+        "URL": ["http://a", "http://b", None, "", "http://e", "http://f", "http://g", "http://h"],
+        "caption": [b"ok", b"caf\xe9", b"c", b"d", None, b"f", b"g", b"h"],
+        "label": [0.0, 1.0, 2.0, 3.0, -1.0, 2.5, float("nan"), None],
+        "NSFW": ["UNLIKELY"] * 8,
+    }
+    path = write_parquet(tmp_path / "m.parquet", columns)
+    source = ParquetSource(path)
+    plan = plan_columns(pq.read_schema(path), {}, path.name)
+    slow_report, fast_report = IssueReport(), IssueReport()
+    slow = list(source._scan_file(path, plan, {}, slow_report, verify=True))
+    fast = url_table(pq.read_table(path).to_batches()[0], plan, {}, fast_report, path.stem, 0).to_pylist()
+    assert fast == slow
+    assert [r["id"] for r in fast] == ["1", "8"] and fast[1]["label"] is None
+    assert slow_report == fast_report
+    assert dict(fast_report.skipped) == {"missing_value": 3, "bad_label": 3}
+
+
+def test_url_only_text_labels_fast_path(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "m.parquet", {"url": ["http://a", "http://b", "http://c"],
+                                                  "target": ["dog", None, "cat"], "flag": [True, False, None]})
+    rows, _, source = scan(path)
+    assert [(r["label"], r["class_name"]) for r in rows] == [(1, "dog"), (None, None), (0, "cat")]
+    assert source.classes() == ["cat", "dog"] and rows[2]["flag"] is None
