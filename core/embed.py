@@ -43,7 +43,14 @@ from tqdm.auto import tqdm
 
 from core import atomic
 from core.datasets import Dataset, open_dataset
-from core.errors import AlreadyExists, ConfigError, DataError, PathOutsideWorkspace, UnknownName
+from core.errors import (
+    AlreadyExists,
+    ConfigError,
+    DataError,
+    MissingFileError,
+    PathOutsideWorkspace,
+    UnknownName,
+)
 from core.runs import ProgressWriter, RunHandle, recorded_run
 from core.sources.base import SampleError, is_url
 from core.store.catalog import utcnow
@@ -130,6 +137,12 @@ class EmbedConfig:
     @property
     def modalities(self) -> tuple[str, ...]:
         return ("image", "text") if self.modality == "both" else (self.modality,)
+
+    @property
+    def resolved_set_id(self) -> str:
+        """``set_id`` after defaulting (never None once constructed)."""
+        assert self.set_id is not None
+        return self.set_id
 
     def weights_label(self) -> str | None:
         """Short name of the weights: the tag, or ``<checkpoint stem>-<6 hex of its path>``."""
@@ -303,7 +316,7 @@ class CaptionRows:
         return pos, self.tokenizer([caption])[0], None
 
 
-def collate_rows(items: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
+def collate_rows(items: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[tuple[int, str | None]]]:
     """(every position of the batch, stacked tensors of the usable ones, [(position, reason)] skipped)."""
     import torch
 
@@ -333,7 +346,7 @@ class ShardBatches:
 # -- embedding a dataset ---------------------------------------------------------------------------
 def embed_dataset(ws: Workspace, cfg: EmbedConfig, *, progress: bool = False, fail_after_shards: int | None = None,
                   replace: bool = False, run: RunHandle | None = None) -> EmbeddingSetInfo:
-    """Embed ``cfg.dataset`` with ``cfg.model`` into the set ``cfg.set_id`` (resuming finished shards).
+    """Embed ``cfg.dataset`` with ``cfg.model`` into the set ``set_id`` (resuming finished shards).
 
     Args:
         progress: show a tqdm bar (rows/s) per modality.
@@ -343,21 +356,25 @@ def embed_dataset(ws: Workspace, cfg: EmbedConfig, *, progress: bool = False, fa
         run: record progress into this run (a job launcher's) instead of recording a new ``embed`` run.
 
     Returns: the registered set. Raises: UnknownName (dataset, model), DataError (no local images,
-    no captions), ConfigError (bad option, an existing set with another config), WeightsUnavailable.
+    no captions), ConfigError (bad option, an existing set with another config), MissingFileError
+    (checkpoint), WeightsUnavailable (pretrained tag offline).
     """
     from core.models import check_arch
 
     ds = open_dataset(ws, cfg.dataset)
     check_arch(cfg.model)
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise MissingFileError(f"checkpoint {cfg.checkpoint} does not exist")
     n = len(ds.index) if cfg.limit is None else min(cfg.limit, len(ds.index))
     _check_inputs(ds, cfg, n)
-    set_dir = ws.dir("embeddings", cfg.set_id)
+    set_id = cfg.resolved_set_id
+    set_dir = ws.dir("embeddings", set_id)
     identity = _identity(cfg, ds, n)
-    meta = _open_set(ws, set_dir, cfg.set_id, identity, replace)
+    meta = _open_set(ws, set_dir, set_id, identity, replace)
     ranges = shard_ranges(n, cfg.shard_rows)
     pending = {m: [k for k in range(len(ranges)) if not shard_done(set_dir / m, k)] for m in cfg.modalities}
     if not any(pending.values()) and meta.get("complete"):
-        return _register(ws, cfg.set_id, meta)  # nothing to do: the set is complete
+        return _register(ws, set_id, meta)  # nothing to do: the set is complete
     atomic.clean_temp_files(set_dir)
     meta = {**meta, "config": asdict(cfg), "identity": identity, "kind": "embed", "complete": False}
     atomic.write_json(set_dir / META_FILE, meta)
@@ -370,7 +387,7 @@ def embed_dataset(ws: Workspace, cfg: EmbedConfig, *, progress: bool = False, fa
                                               budget=budget, progress=progress, handle=handle)
         meta = _final_meta(meta, cfg, stats, clip, set_dir)
         atomic.write_json(set_dir / META_FILE, meta)
-        info = _register(ws, cfg.set_id, meta, run_id=handle.id if handle else None)
+        info = _register(ws, set_id, meta, run_id=handle.id if handle else None)
         if handle is not None:
             handle.message = _summary(info)
     log.info("%s", _summary(info))
@@ -575,10 +592,10 @@ def _embed_modality(ds: Dataset, clip: Any, cfg: EmbedConfig, modality: str, fol
     return _modality_stats(folder, len(ranges), len(pending), rate)
 
 
-def _add_batch(writer: _ShardWriter, positions: list[int], batch: Any, skipped: list[tuple[int, str]],
+def _add_batch(writer: _ShardWriter, positions: list[int], batch: Any, skipped: list[tuple[int, str | None]],
                encode: Any, shard_rows: int) -> None:
     """Encode one loader batch (all rows of one shard) and hand its usable rows to the writer."""
-    reasons: Counter[str] = Counter(reason for _, reason in skipped)
+    reasons: Counter[str] = Counter(str(reason) for _, reason in skipped)
     gone = {p for p, _ in skipped}
     kept = np.asarray([p for p in positions if p not in gone], dtype=np.int64)
     X = np.zeros((0, writer.dim), np.float32)
@@ -601,7 +618,9 @@ def _loader(rows: Any, ranges: list[tuple[int, int]], cfg: EmbedConfig, device: 
 
 def _modality_stats(folder: Path, n_shards: int, computed: int, rows_per_s: float | None) -> ModalityStats:
     """Counts over every shard of a modality, read back from the shard metadata."""
-    n, skipped, repaired = 0, Counter(), Counter()
+    n = 0
+    skipped: Counter[str] = Counter()
+    repaired: Counter[str] = Counter()
     for k in range(n_shards):
         info = read_shard_info(folder, k)
         n += int(info.get("rows", 0))
@@ -748,10 +767,11 @@ def import_laion_embeddings(ws: Workspace, dataset: str, *, model: str, pretrain
 
     cfg = _ImportConfig(dataset, model, pretrained, modality, shard_rows, dtype, set_id)
     ds = open_dataset(ws, dataset)
-    if not hasattr(ds.source, "iter_embeddings"):
+    source: Any = ds.source  # a LaionSource: iter_embeddings(), embedding_dim()
+    if not hasattr(source, "iter_embeddings"):
         raise ConfigError(f"dataset '{dataset}' is a {ds.row['kind']} dataset, not a LAION embedding release",
                           hint="compute its embeddings with `prunescope embed` instead")
-    dims = {m: int(ds.source.embedding_dim("img" if m == "image" else "text")) for m in cfg.modalities}
+    dims = {m: int(source.embedding_dim("img" if m == "image" else "text")) for m in cfg.modalities}
     expected = model_embed_dim(model)
     for m, d in dims.items():
         if expected is not None and d != expected:
@@ -760,25 +780,26 @@ def import_laion_embeddings(ws: Workspace, dataset: str, *, model: str, pretrain
     if len(set(dims.values())) > 1:
         raise DataError(f"image and text embeddings of '{dataset}' differ in width: {dims}")
     n = len(ds.index)
-    set_dir = ws.dir("embeddings", cfg.set_id)
+    set_id = cfg.resolved_set_id
+    set_dir = ws.dir("embeddings", set_id)
     identity = {**asdict(cfg), "kind": "laion-import", "n_rows": n, "index_fingerprint": index_fingerprint(ds.index["id"])}
-    meta = _open_set(ws, set_dir, cfg.set_id, identity, replace)
+    meta = _open_set(ws, set_dir, set_id, identity, replace)
     ranges = shard_ranges(n, shard_rows)
     if meta.get("complete") and all(shard_done(set_dir / m, k) for m in cfg.modalities for k in range(len(ranges))):
-        return _register(ws, cfg.set_id, meta)
+        return _register(ws, set_id, meta)
     atomic.clean_temp_files(set_dir)
     meta = {**meta, "config": asdict(cfg), "identity": identity, "kind": "laion-import", "complete": False}
     atomic.write_json(set_dir / META_FILE, meta)
     with recorded_run(ws, "embed-import", asdict(cfg)) as handle:
         stats = {m: _import_modality(ds, cfg, m, set_dir / m, ranges, dims[m], progress) for m in cfg.modalities}
         dim = next(iter(dims.values()))
-        meta = {**meta, "complete": True, "set_id": cfg.set_id, "dataset": dataset, "model": model,
+        meta = {**meta, "complete": True, "set_id": set_id, "dataset": dataset, "model": model,
                 "pretrained": pretrained, "weights": pretrained or "precomputed", "dim": dim, "dtype": dtype,
                 "modality": modality, "source": str(ds.source.root),
                 "modalities": _modalities_meta(stats, meta),
                 "updated_at": utcnow().isoformat(timespec="seconds")}
         atomic.write_json(set_dir / META_FILE, meta)
-        info = _register(ws, cfg.set_id, meta, run_id=handle.id)
+        info = _register(ws, set_id, meta, run_id=handle.id)
         handle.message = _summary(info)
     return info
 
@@ -807,6 +828,11 @@ class _ImportConfig:
     def modalities(self) -> tuple[str, ...]:
         return ("image", "text") if self.modality == "both" else (self.modality,)
 
+    @property
+    def resolved_set_id(self) -> str:
+        assert self.set_id is not None
+        return self.set_id
+
 
 def _import_modality(ds: Dataset, cfg: _ImportConfig, modality: str, folder: Path,
                      ranges: list[tuple[int, int]], dim: int, progress: bool) -> ModalityStats:
@@ -817,7 +843,8 @@ def _import_modality(ds: Dataset, cfg: _ImportConfig, modality: str, folder: Pat
     which = "img" if modality == "image" else "text"
     started = time.perf_counter()
     with tqdm(total=len(ds.index), unit="row", desc=f"import {cfg.dataset} ({modality})", disable=not progress) as bar:
-        for meta, vectors in ds.source.iter_embeddings(batch_rows=min(cfg.shard_rows, 65_536), which=which):
+        source: Any = ds.source
+        for meta, vectors in source.iter_embeddings(batch_rows=min(cfg.shard_rows, 65_536), which=which):
             positions = _positions(lookup, meta)
             keep = positions >= 0  # rows registration skipped (duplicate ids, the other modality bad)
             positions, vectors = positions[keep], vectors[keep]

@@ -195,8 +195,9 @@ class LoadedClip:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Returns: (B, D) float32 L2-normalised image embeddings of preprocessed (B, 3, S, S) images."""
         images = images.to(self.device, non_blocking=True)
+        model: Any = self.model
         with autocast(self.device, self.precision):
-            feats = self.model.encode_image(images)
+            feats = model.encode_image(images)
         return l2_normalize(feats.float())
 
     @torch.no_grad()
@@ -204,8 +205,9 @@ class LoadedClip:
         """Returns: (B, D) float32 L2-normalised text embeddings of strings or (B, L) tokens."""
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenizer(list(texts))
         tokens = tokens.to(self.device, non_blocking=True)
+        model: Any = self.model
         with autocast(self.device, self.precision):
-            feats = self.model.encode_text(tokens)
+            feats = model.encode_text(tokens)
         return l2_normalize(feats.float())
 
 
@@ -477,8 +479,9 @@ def _load_checkpoint_into(model: torch.nn.Module, path: Path, arch: str) -> None
         param = getattr(model, name, None)
         if name in state and param is not None and state[name].ndim != param.ndim:
             state[name] = state[name].reshape(param.shape)
-    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
-        state["logit_bias"] = torch.zeros_like(model.logit_bias)
+    logit_bias = getattr(model, "logit_bias", None)
+    if "logit_bias" not in state and isinstance(logit_bias, torch.Tensor):
+        state["logit_bias"] = torch.zeros_like(logit_bias)
     try:
         resize_pos_embed(state, model)
         resize_text_pos_embed(state, model)

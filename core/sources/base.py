@@ -10,6 +10,11 @@ catalog; later stages stream samples back through :meth:`Source.load_image`.
 Bad input never raises out of a scan: a broken entry becomes a counted skip with a reason
 (:data:`SKIP_REASONS`); a repairable defect (a caption that is not UTF-8) is counted as repaired.
 Only whole-dataset problems (missing root, missing columns, nothing readable) raise DataError.
+
+A source implements :meth:`Source.scan` (rows as dicts) and :meth:`Source.read_bytes`; registration
+consumes :meth:`Source.scan_tables`, which chunks the rows into Arrow tables unless a columnar source
+builds them directly. Locators are relative to the source's root and are resolved with
+:func:`core.workspace.safe_join`, so ``..`` parts and symlinks leading out raise PathOutsideWorkspace.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ SKIP_REASONS = {
     "caption_not_utf8": "caption bytes were not UTF-8; decoded with replacement characters",
     "bad_embedding": "an embedding row is NaN, infinite or all zeros",
     "unreadable_file": "a file could not be read (permissions or I/O error)",
-    "bad_label": "the label is not a known class",
+    "bad_label": "the label is not a known class (or not an integer >= 0)",
     "bad_metadata": "sample metadata (json) does not parse",
     "remote_image": "the image is only a URL; download it first, e.g. with img2dataset",
     "path_outside_root": "the path leaves the dataset root (a '..' part, an absolute path, or a symlink out)",

@@ -25,7 +25,7 @@ Files are read in record batches (never whole into pandas).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -234,7 +234,7 @@ def url_table(batch: pa.RecordBatch, plan: ColumnPlan, label_ids: dict[str, int]
     integer >= 0 (``bad_label``); the rest become one table.
     """
     rows = np.arange(start, start + batch.num_rows, dtype=np.int64)
-    keep = _valid_url_rows(batch, plan, report, [f"{stem}:{r}" for r in rows.tolist()])
+    keep = _valid_url_rows(batch, plan, report, lambda i: f"{stem}:{rows[i]}")
     if not keep.all():
         batch, rows = batch.filter(pa.array(keep)), rows[keep]
     n = batch.num_rows
@@ -254,7 +254,8 @@ def url_table(batch: pa.RecordBatch, plan: ColumnPlan, label_ids: dict[str, int]
     return pa.table(cols)
 
 
-def _valid_url_rows(batch: pa.RecordBatch, plan: ColumnPlan, report: IssueReport, where: list[str]) -> np.ndarray:
+def _valid_url_rows(batch: pa.RecordBatch, plan: ColumnPlan, report: IssueReport,
+                    where: Callable[[int], str]) -> np.ndarray:
     """(n,) rows to keep; each dropped row is counted with the first reason that applies."""
     keep = np.ones(batch.num_rows, dtype=bool)
     if plan.id:
@@ -300,10 +301,11 @@ def _empty(col: pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(pc.equal(col, ""), False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _skip(report: IssueReport, keep: np.ndarray, bad: np.ndarray, reason: str, where: list[str], what: str) -> None:
+def _skip(report: IssueReport, keep: np.ndarray, bad: np.ndarray, reason: str, where: Callable[[int], str],
+          what: str) -> None:
     """Count ``reason`` for rows still kept that are ``bad``, and drop them from ``keep``."""
     for i in np.flatnonzero(keep & bad):
-        report.skip(reason, f"{where[i]}: {what}")
+        report.skip(reason, f"{where(int(i))}: {what}")
     keep &= ~bad
 
 

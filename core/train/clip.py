@@ -459,7 +459,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(state: TrainState, cfg: TrainClipConfig, run_dir: Path, *,
+def save_checkpoint(state: TrainState, cfg: TrainClipConfig, run_dir: Path, *, world_size: int = 1,
                     metrics: Mapping[str, float] | None = None, keep: int = 0) -> Path:
     """Write ``step-NNNNNN.pt`` and copy it to ``last.pt``, both atomically; prune old step files.
 
@@ -468,6 +468,7 @@ def save_checkpoint(state: TrainState, cfg: TrainClipConfig, run_dir: Path, *,
     folder = checkpoint_dir(run_dir)
     obj = {
         "format": CHECKPOINT_FORMAT, "arch": cfg.model, "step": state.step, "total_steps": cfg.steps,
+        "world_size": world_size,
         "state_dict": _unwrap(state.model).state_dict(), "loss_name": cfg.loss, "loss": state.loss.state_dict(),
         "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(), "rng": _rng_state(), "config": cfg.to_dict(),
@@ -699,7 +700,7 @@ class _LoopContext:
                 if self.bar is not None:
                     self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and self.info.is_main:
-            save_checkpoint(state, cfg, self.run_dir, keep=cfg.keep_checkpoints)
+            save_checkpoint(state, cfg, self.run_dir, world_size=self.info.world_size, keep=cfg.keep_checkpoints)
             self.saved_step = step
 
 
@@ -744,6 +745,10 @@ def _train_in_run(ws: Workspace, cfg: TrainClipConfig, run: Any, info: DistInfo,
     last = checkpoint_dir(run.dir) / "last.pt"
     if cfg.run_id and last.is_file():
         ckpt = load_checkpoint(state, last, device)
+        if int(ckpt.get("world_size", 1)) != info.world_size:
+            raise ConfigError(f"run {run.id} was trained with {ckpt.get('world_size', 1)} process(es), not "
+                              f"{info.world_size}: the global batch and data order depend on it",
+                              hint=f"resume with torchrun --nproc_per_node={ckpt.get('world_size', 1)}")
         log.info("resumed run %s at step %d of %d", run.id, state.step, cfg.steps)
         if state.step >= cfg.steps:  # nothing left to do: report the finished run as it was
             done = ckpt.get("metrics", {})
@@ -773,13 +778,13 @@ def _run_loop(ws: Workspace, cfg: TrainClipConfig, run: Any, info: DistInfo, sta
             meter = _loop(state, loader, cfg, ctx, stop_at) if state.step < stop_at else _Meter()
         except KeyboardInterrupt:
             if info.is_main and state.step > max(0, ctx.saved_step):
-                save_checkpoint(state, cfg, run.dir, keep=cfg.keep_checkpoints)
+                save_checkpoint(state, cfg, run.dir, world_size=info.world_size, keep=cfg.keep_checkpoints)
             raise
     final_loss = sum(meter.last_losses) / len(meter.last_losses) if meter.last_losses else float("nan")
     finished = state.step >= cfg.steps
     ckpt = None
     if info.is_main:
-        ckpt = save_checkpoint(state, cfg, run.dir, keep=cfg.keep_checkpoints,
+        ckpt = save_checkpoint(state, cfg, run.dir, world_size=info.world_size, keep=cfg.keep_checkpoints,
                                metrics={"final_loss": final_loss, "img_per_s": meter.img_per_s})
         _write_data_summary(run.dir, n_rows, ctx.skipped)
         if finished:

@@ -17,6 +17,7 @@ Use :func:`create_loss` to build one by name (``UnknownName`` lists the alternat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -157,7 +158,7 @@ class AnInfoNCELoss(ContrastiveLoss):
         return {"contrastive_loss": nt_xent(self.similarity, a, b)}
 
 
-def nt_xent(similarity: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def nt_xent(similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """NT-Xent (SimCLR) over the 2N rows of ``[a; b]`` with a pairwise ``similarity(x, y) -> (len x, len y)``.
 
     Row i's positive is row ``i + N`` (and vice versa); every other row except itself is a negative.
@@ -195,7 +196,8 @@ def loss_param_groups(loss: nn.Module, *, lr: float, lambda_lr: float = 1e-3,
     group, e.g. a logit scale shared with the model) are left out. Each group carries a ``name``.
     """
     exclude = exclude or set()
-    lam, other = [], []
+    lam: list[nn.Parameter] = []
+    other: list[nn.Parameter] = []
     for pname, p in loss.named_parameters():
         if not p.requires_grad or id(p) in exclude:
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,8 +117,7 @@ def test_train_clip_end_to_end(captioned, loss):
     cfg = _cfg(captioned.dataset, loss=loss, manifest="keep-most", batch_size=8)
     result = train_clip(ws, cfg)
     assert result.finished and result.steps == 4 and result.img_per_s > 0
-    assert result.final_loss == pytest.approx(result.final_loss) and result.final_loss > 0
-    assert result.skipped.get("corrupt_image", 0) + result.skipped.get("truncated_image", 0) >= 0
+    assert math.isfinite(result.final_loss) and result.final_loss > 0
 
     names = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
     assert names == ["last.pt", "step-000002.pt", "step-000004.pt"]
