@@ -375,7 +375,7 @@ def embed_dataset(ws: Workspace, cfg: EmbedConfig, *, progress: bool = False, fa
     pending = {m: [k for k in range(len(ranges)) if not shard_done(set_dir / m, k)] for m in cfg.modalities}
     if not any(pending.values()) and meta.get("complete"):
         return _register(ws, set_id, meta)  # nothing to do: the set is complete
-    atomic.clean_temp_files(set_dir)
+    clean_stale_temp_files(set_dir)
     meta = {**meta, "config": asdict(cfg), "identity": identity, "kind": "embed", "complete": False}
     atomic.write_json(set_dir / META_FILE, meta)
     with _maybe_run(ws, cfg, run) as handle:
@@ -457,6 +457,30 @@ def _open_set(ws: Workspace, set_dir: Path, set_id: str, identity: dict[str, Any
         raise ConfigError(f"embedding set '{set_id}' exists with a different configuration ({shown})",
                           hint="pass --replace to recompute it, or choose another --set-id")
     return meta
+
+
+def clean_stale_temp_files(folder: Path) -> int:
+    """Delete temporary files (``core.atomic``) below ``folder`` left by writers that died; a live
+    process's files (the pid is in the name) are kept. Returns how many were deleted."""
+    n = 0
+    for path in folder.rglob(f".*{atomic.TMP_MARK}*") if folder.is_dir() else ():
+        m = re.search(re.escape(atomic.TMP_MARK) + r"(\d+)-", path.name)
+        if path.is_file() and atomic.is_temp_path(path) and not (m and _pid_alive(int(m.group(1)))):
+            path.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers (an earlier call in this process that raised)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove_set_files(ws: Workspace, set_dir: Path, set_id: str) -> None:
@@ -787,7 +811,7 @@ def import_laion_embeddings(ws: Workspace, dataset: str, *, model: str, pretrain
     ranges = shard_ranges(n, shard_rows)
     if meta.get("complete") and all(shard_done(set_dir / m, k) for m in cfg.modalities for k in range(len(ranges))):
         return _register(ws, set_id, meta)
-    atomic.clean_temp_files(set_dir)
+    clean_stale_temp_files(set_dir)
     meta = {**meta, "config": asdict(cfg), "identity": identity, "kind": "laion-import", "complete": False}
     atomic.write_json(set_dir / META_FILE, meta)
     with recorded_run(ws, "embed-import", asdict(cfg)) as handle:

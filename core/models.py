@@ -160,6 +160,7 @@ def pretrained_tags(arch: str) -> list[str]:
 def model_embed_dim(arch: str) -> int | None:
     """The embedding width an architecture's config declares, or None for names open_clip lacks."""
     register_project_configs()
+    arch = arch.replace("/", "-")
     cfg = open_clip.get_model_config(arch) if arch in open_clip.list_models() else None
     return int(cfg["embed_dim"]) if cfg and "embed_dim" in cfg else None
 

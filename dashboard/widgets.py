@@ -45,7 +45,10 @@ def thumbnail(root: str, dataset: str, sample_id: str, _row: Mapping[str, Any],
     """
     try:
         image = queries.dataset_handle(root, dataset).load_image(_row)
-        image.thumbnail((size, size))
+        # Fit the tile both ways: shrink large images, enlarge small ones (64 px demo images, CIFAR).
+        scale = size / max(image.width, image.height)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
         # Centred on a square tile so the grid's rows line up whatever the aspect ratios.
         tile = Image.new("RGB", (size, size), TILE_RGB)
         tile.paste(image.convert("RGB"), ((size - image.width) // 2, (size - image.height) // 2))

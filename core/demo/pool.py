@@ -50,6 +50,11 @@ DOWNLOAD_ERRORS = ("HTTP Error 404: Not Found", "HTTP Error 403: Forbidden", "Th
 ORIGINAL_SIZES = ((640, 480), (800, 600), (1024, 768), (500, 500), (1200, 800), (300, 300), (768, 1024))
 #: Dimension of the generator-latent embeddings of the LAION layout.
 LATENT_DIM = 64
+#: Real crawls hold a few files that arrive broken; one in BROKEN_EVERY samples is planted as such
+#: (by index residue, so every size has some): a truncated JPEG, garbage bytes, or a caption that is
+#: not UTF-8. Registration must count them (skipped / repaired) rather than fail.
+BROKEN_EVERY = 613
+BROKEN_RESIDUES = {101: "truncated_image", 307: "corrupt_image", 509: "caption_not_utf8"}
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,27 @@ def truth_row(world: World, i: int) -> dict[str, Any]:
         "is_junk": kind == JUNK,
         "junk_kind": JUNK_KINDS[int(plan.junk_kind[i])] if kind == JUNK else None,
         "background": BACKGROUND_NAMES[int(plan.background[i])] if kind != JUNK else None,
+        "broken": broken_kind(i),
     }
+
+
+def broken_kind(i: int) -> str | None:
+    """How sample i arrives broken in its tar (a key of BROKEN_RESIDUES' values), or None."""
+    return BROKEN_RESIDUES.get(i % BROKEN_EVERY)
+
+
+def _tar_payload(world: World, i: int) -> tuple[bytes, bytes]:
+    """The image and caption bytes stored in the tar for sample i (broken ones planted here)."""
+    data = sample_bytes(world, i)
+    caption = world.plan.caption[i].encode("utf-8")
+    kind = broken_kind(i)
+    if kind == "truncated_image":
+        data = data[: len(data) // 2]
+    elif kind == "corrupt_image":
+        data = data[:4] + world.rng(POOL, i, 1).integers(0, 256, 400, dtype=np.uint8).tobytes()
+    elif kind == "caption_not_utf8":
+        caption = (world.plan.caption[i] + " – café").encode("cp1252", errors="replace")
+    return data, caption
 
 
 def _completion_order(world: World, shard: int, indices: np.ndarray) -> np.ndarray:
@@ -234,14 +259,14 @@ def write_shard(world: World, shard: int) -> dict[str, Any]:
             if not plan.ok[i]:
                 rows.append(_parquet_row(world, i, None))
                 continue
-            data = sample_bytes(world, i)
+            data, caption = _tar_payload(world, i)
             row = _parquet_row(world, i, hashlib.sha256(data).hexdigest())
             rows.append(row)
             sample = {k: v for k, v in row.items() if k != "exif"} | truth_row(world, i)
             key = row["key"]
             _add_member(tar, f"{key}.jpg", data)
             _add_member(tar, f"{key}.json", json.dumps(sample, indent=4).encode("utf-8"))
-            _add_member(tar, f"{key}.txt", plan.caption[i].encode("utf-8"))
+            _add_member(tar, f"{key}.txt", caption)
     table = pd.DataFrame(rows).astype({"width": "Int64", "height": "Int64", "original_width": "Int64",
                                        "original_height": "Int64", "exif": "string", "error_message": "string"})
     write_parquet(folder / f"{shard:05d}.parquet", table)
@@ -262,11 +287,11 @@ def write_truth(world: World) -> dict[str, Any]:
         rows.append({"key": plan.key(i), "shard": i // plan.shard_size, "url": plan.url(i, world.seed),
                      "caption": plan.caption[i]} | truth_row(world, i))
     table = pd.DataFrame(rows).astype({"concept_name": "string", "dup_of": "string", "junk_kind": "string",
-                                       "background": "string"})
+                                       "background": "string", "broken": "string"})
     write_parquet(world.out / "pool_truth.parquet", table)
     counts = table[["is_exact_dup", "is_near_dup", "is_junk"]].sum()
     return {"pool_exact_dups": int(counts["is_exact_dup"]), "pool_near_dups": int(counts["is_near_dup"]),
-            "pool_junk": int(counts["is_junk"])}
+            "pool_junk": int(counts["is_junk"]), "pool_broken": int(table["broken"].notna().sum())}
 
 
 # ----------------------------------------------------------------------------------------------

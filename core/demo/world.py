@@ -41,7 +41,7 @@ __all__ = ["SIZES", "WORLD_VERSION", "WorldSize", "generate_world"]
 log = logging.getLogger(__name__)
 
 #: Bump when the generator's output changes: a world folder of another version is not reused.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 GENERATOR = "prunescope demo world"
 DONE = ".done"
 CONFIG_STAMP = "_config.json"

@@ -61,6 +61,8 @@ class AnInfoNCEExperimentConfig:
             over 300k steps; 1e-3 / 5e-2 reach the same place in ~1.5k steps here).
         tau: InfoNCE temperature (cosine similarity / tau), the SimCLR-style baseline.
         hidden / depth: encoder MLP width and number of hidden layers; mixing_layers: layers of g.
+        norm_threshold: reject a noisy point whose norm before projection is off 1 by this much (the
+            reference's 0.1; see :class:`LatentSampler`); None keeps every draw.
         n_eval: held-out samples to fit the linear read-out, and as many again to score it.
         seed: seeds the mixing, the encoder init (shared by both losses), the data and lam's init.
         num_threads: torch CPU threads during the run (restored after); None keeps torch's setting.
@@ -79,6 +81,7 @@ class AnInfoNCEExperimentConfig:
     hidden: int = 128
     depth: int = 3
     mixing_layers: int = 3
+    norm_threshold: float | None = 0.1
     n_eval: int = 4096
     seed: int = 0
     num_threads: int | None = 1
@@ -94,6 +97,7 @@ class AnInfoNCEExperimentConfig:
             (self.hidden >= 1 and self.depth >= 1 and self.mixing_layers >= 1, "hidden, depth, mixing_layers must be >= 1"),
             (self.n_eval >= 4 * self.dim, f"n_eval must be >= 4 * dim; got {self.n_eval}"),
             (self.num_threads is None or self.num_threads >= 1, f"num_threads must be >= 1; got {self.num_threads}"),
+            (self.norm_threshold is None or self.norm_threshold > 0, "norm_threshold must be > 0 or None"),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,21 +114,44 @@ class AnInfoNCEExperimentConfig:
 
 # -- data generating process ------------------------------------------------------------------------
 class LatentSampler:
-    """Positive pairs on the sphere with anisotropic noise, from a seeded generator."""
+    """Positive pairs on the sphere with anisotropic noise, from a seeded generator.
 
-    def __init__(self, sigmas: np.ndarray, seed: int) -> None:
+    ``norm_threshold`` rejects (and redraws) a noisy point whose norm before projection differs from 1
+    by that much or more, as the reference sampler does (brendel-group/AnInfoNCE,
+    ``normal_spherical_sampler``, threshold 0.1): projecting a far-off point back onto the sphere would
+    move every latent, not just the noisy ones. None keeps every draw.
+    """
+
+    def __init__(self, sigmas: np.ndarray, seed: int, norm_threshold: float | None = None) -> None:
         self.sigma = torch.as_tensor(sigmas, dtype=torch.float32)
         self.gen = torch.Generator().manual_seed(seed)
+        self.norm_threshold = norm_threshold
 
     def marginal(self, n: int) -> torch.Tensor:
         """(n, d) uniform on S^{d-1}."""
         return F.normalize(torch.randn(n, len(self.sigma), generator=self.gen), dim=1)
 
-    def pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, z') each (n, d): z' = normalise(z + sigma * eps)."""
+    def pairs(self, n: int, tries: int = 8, max_rounds: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, z') each (n, d): z' = normalise(z + sigma * eps), redrawn while rejected.
+
+        Each round draws ``tries`` candidates per pending row at once and keeps the first accepted.
+        """
         z = self.marginal(n)
-        noise = torch.randn(n, len(self.sigma), generator=self.gen) * self.sigma
-        return z, F.normalize(z + noise, dim=1)
+        out = torch.empty_like(z)
+        todo = torch.arange(n)
+        for _ in range(max_rounds):
+            k = tries if self.norm_threshold else 1
+            moved = z[todo, None, :] + torch.randn(len(todo), k, len(self.sigma), generator=self.gen) * self.sigma
+            norm = moved.norm(dim=-1)
+            ok = (norm - 1).abs() < self.norm_threshold if self.norm_threshold else torch.ones_like(norm, dtype=torch.bool)
+            first = ok.int().argmax(dim=1)
+            done = ok.any(dim=1)
+            rows = torch.arange(len(todo))[done]
+            out[todo[done]] = moved[rows, first[done]] / norm[rows, first[done], None]
+            todo = todo[~done]
+            if len(todo) == 0:
+                return z, out
+        raise ConfigError(f"norm_threshold {self.norm_threshold} rejects nearly every positive; raise it or lower sigma_max")
 
 
 def make_mixing(dim: int, layers: int, seed: int) -> nn.Sequential:
@@ -172,7 +199,7 @@ def train_encoder(cfg: AnInfoNCEExperimentConfig, loss_name: str, mixing: nn.Mod
     if loss_name not in LOSSES:
         raise ConfigError(f"loss must be one of {', '.join(LOSSES)}; got {loss_name!r}")
     encoder = make_encoder(cfg.dim, cfg.hidden, cfg.depth, cfg.seed)
-    sampler = LatentSampler(cfg.sigmas(), cfg.seed + 3)  # the same stream for both losses
+    sampler = LatentSampler(cfg.sigmas(), cfg.seed + 3, cfg.norm_threshold)  # the same stream for both losses
     groups: list[dict[str, Any]] = [{"params": list(encoder.parameters())}]
     an_loss: AnInfoNCELoss | None = None
     if loss_name == "aninfonce":

@@ -396,6 +396,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     step: int = 0
+    skipped_images: Counter[str] = field(default_factory=Counter)
 
 
 def build_loss(cfg: TrainClipConfig, model: nn.Module, embed_dim: int) -> nn.Module:
@@ -460,10 +461,12 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(state: TrainState, cfg: TrainClipConfig, run_dir: Path, *, world_size: int = 1,
-                    metrics: Mapping[str, float] | None = None, keep: int = 0) -> Path:
+                    metrics: Mapping[str, float] | None = None, skipped: Mapping[str, int] | None = None,
+                    keep: int = 0) -> Path:
     """Write ``step-NNNNNN.pt`` and copy it to ``last.pt``, both atomically; prune old step files.
 
     The file loads with ``torch.load(..., weights_only=True)``; ``state_dict`` is the bare model's.
+    ``skipped`` (default: this process's count) is the unreadable-image count of all ranks so far.
     """
     folder = checkpoint_dir(run_dir)
     obj = {
@@ -472,7 +475,7 @@ def save_checkpoint(state: TrainState, cfg: TrainClipConfig, run_dir: Path, *, w
         "state_dict": _unwrap(state.model).state_dict(), "loss_name": cfg.loss, "loss": state.loss.state_dict(),
         "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(), "rng": _rng_state(), "config": cfg.to_dict(),
-        "metrics": dict(metrics or {}),
+        "metrics": dict(metrics or {}), "skipped_images": dict(state.skipped_images if skipped is None else skipped),
     }
     path = folder / f"step-{state.step:06d}.pt"
     with atomic.atomic_path(path) as tmp:
@@ -496,10 +499,22 @@ def load_checkpoint(state: TrainState, path: Path, device: torch.device) -> dict
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.scaler.load_state_dict(ckpt["scaler"])
     state.step = int(ckpt["step"])
+    # Counts are of all ranks: rank 0 carries them on, the others count afresh.
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    state.skipped_images = Counter(ckpt.get("skipped_images", {}) if main else {})
     torch.set_rng_state(ckpt["rng"]["torch"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return ckpt
+
+
+def global_skips(local: Counter[str], info: DistInfo) -> Counter[str]:
+    """Unreadable-image counts summed over all ranks (a collective call under torchrun)."""
+    if not info.enabled:
+        return Counter(local)
+    parts: list[Any] = [None] * info.world_size
+    dist.all_gather_object(parts, dict(local))
+    return sum((Counter(p) for p in parts), Counter())
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -658,7 +673,7 @@ def _loop(state: TrainState, loader: DataLoader, cfg: TrainClipConfig, ctx: _Loo
           stop_at: int) -> _Meter:
     meter = _Meter()
     for images, tokens, bad in loader:
-        ctx.skipped.update(bad)
+        state.skipped_images.update(bad)
         counts = _batch_counts(images, ctx.info, ctx.device)
         if min(counts) == 0 or sum(counts) < 2:
             log.warning("step %d: too few readable images in the batch (%s); update skipped", state.step, counts)
@@ -680,7 +695,6 @@ class _LoopContext:
     run_dir: Path
     device: torch.device
     info: DistInfo
-    skipped: Counter[str]
     bar: Any = None
     saved_step: int = -1
 
@@ -699,8 +713,11 @@ class _LoopContext:
                 log.info("step %d/%d loss %.4f lr %.3g img/s %.1f", step, cfg.steps, loss, lr, rate)
                 if self.bar is not None:
                     self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and self.info.is_main:
-            save_checkpoint(state, cfg, self.run_dir, world_size=self.info.world_size, keep=cfg.keep_checkpoints)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            skipped = global_skips(state.skipped_images, self.info)
+            if self.info.is_main:
+                save_checkpoint(state, cfg, self.run_dir, world_size=self.info.world_size, skipped=skipped,
+                                keep=cfg.keep_checkpoints)
             self.saved_step = step
 
 
@@ -772,7 +789,7 @@ def _train_in_run(ws: Workspace, cfg: TrainClipConfig, run: Any, info: DistInfo,
 def _run_loop(ws: Workspace, cfg: TrainClipConfig, run: Any, info: DistInfo, state: TrainState,
               loader: DataLoader, n_rows: int, skipped: Counter[str], device: torch.device, stop_at: int,
               progress: bool) -> TrainResult:
-    ctx = _LoopContext(cfg, run.dir, device, info, skipped)
+    ctx = _LoopContext(cfg, run.dir, device, info)
     with _progress_bar(progress and info.is_main, cfg.steps, state.step) as ctx.bar:
         try:
             meter = _loop(state, loader, cfg, ctx, stop_at) if state.step < stop_at else _Meter()
@@ -782,15 +799,16 @@ def _run_loop(ws: Workspace, cfg: TrainClipConfig, run: Any, info: DistInfo, sta
             raise
     final_loss = sum(meter.last_losses) / len(meter.last_losses) if meter.last_losses else float("nan")
     finished = state.step >= cfg.steps
+    image_skips = global_skips(state.skipped_images, info)
     ckpt = None
     if info.is_main:
-        ckpt = save_checkpoint(state, cfg, run.dir, world_size=info.world_size, keep=cfg.keep_checkpoints,
-                               metrics={"final_loss": final_loss, "img_per_s": meter.img_per_s})
-        _write_data_summary(run.dir, n_rows, ctx.skipped)
+        ckpt = save_checkpoint(state, cfg, run.dir, world_size=info.world_size, skipped=image_skips,
+                               keep=cfg.keep_checkpoints, metrics={"final_loss": final_loss, "img_per_s": meter.img_per_s})
+        _write_data_summary(run.dir, n_rows, skipped + image_skips)
         if finished:
             _record_metrics(ws, run.id, cfg, final_loss, meter.img_per_s)
     result = TrainResult(run.id, run.dir, checkpoint_dir(run.dir) / "last.pt" if ckpt else None, state.step,
-                         cfg.steps, final_loss, meter.img_per_s, n_rows, dict(ctx.skipped), finished)
+                         cfg.steps, final_loss, meter.img_per_s, n_rows, dict(skipped + image_skips), finished)
     if info.enabled:
         dist.barrier()
     return result

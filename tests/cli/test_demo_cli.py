@@ -117,3 +117,21 @@ def test_register_every_format_through_the_cli(demo_ws, cli, tmp_path):
     assert set(idx["corruption"]) == {"brightness", "contrast"} and set(idx["severity"]) == {1, 5}
     show = cli("datasets", "show", "pool", workspace=ws)
     assert show.returncode == 0 and "first samples" in show.stdout
+
+
+def test_planted_broken_samples_are_counted_not_fatal(demo_ws):
+    ws, _, _ = demo_ws
+    root = Path(ws)
+    truth = pd.read_parquet(root / "sources/demo/pool_truth.parquet")
+    planted = truth["broken"].value_counts().to_dict()
+    issues = Workspace(ws, create=False).catalog.query(
+        "SELECT reason, action, count FROM dataset_issues WHERE dataset = 'pool'")
+    got = {(r.reason, r.action): r.count for r in issues.itertuples()}
+    assert got.get(("truncated_image", "skipped"), 0) + got.get(("corrupt_image", "skipped"), 0) == (
+        planted.get("truncated_image", 0) + planted.get("corrupt_image", 0)) > 0
+    assert got.get(("caption_not_utf8", "repaired")) == planted.get("caption_not_utf8") > 0
+    index = pd.read_parquet(root / "datasets/pool/index.parquet")
+    assert len(index) == len(truth) - planted.get("truncated_image", 0) - planted.get("corrupt_image", 0)
+    repaired = truth.loc[truth["broken"] == "caption_not_utf8", "key"]
+    captions = index.set_index("id").loc[repaired, "caption"]
+    assert captions.str.contains("\ufffd").all() or captions.str.contains("caf").all()

@@ -85,3 +85,16 @@ def test_labels_are_escaped_so_plotly_cannot_render_tags_or_links():
     fig = charts.samples_per_dataset(df)
     assert list(fig.data[0].x) == ['&lt;a href="http://evil"&gt;x&lt;/a&gt;']
     assert charts.plain("a & <b>") == "a &amp; &lt;b&gt;"
+
+
+def test_samples_chart_switches_to_log_scale_for_wide_ranges():
+    import pandas as pd
+
+    from dashboard import charts
+
+    wide = pd.DataFrame({"name": ["pool", "val"], "role": ["pool", "benchmark"], "n_samples": [20000, 300],
+                         "n_skipped": [3, 0]})
+    fig = charts.samples_per_dataset(wide)
+    assert fig.layout.yaxis.type == "log" and "log scale" in fig.layout.title.text
+    narrow = wide.assign(n_samples=[400, 300])
+    assert charts.samples_per_dataset(narrow).layout.yaxis.type != "log"

@@ -244,7 +244,7 @@ def test_tar_members_are_img2dataset_like(world, truth):
         all_failed |= failed
         n_rows = min(MICRO.shard_size, MICRO.pool - shard * MICRO.shard_size)  # the last shard is short
         assert set(keys) | failed == {f"{shard * 10_000 + j:09d}" for j in range(n_rows)} == set(parquet["key"])
-        for key in keys[:20]:
+        for key in [k for k in keys if pd.isna(truth.loc[k, "broken"])][:20]:
             sample = json.loads(data[f"{key}.json"])
             assert data[f"{key}.txt"].decode("utf-8") == sample["caption"] == truth.loc[key, "caption"]
             assert sample["sha256"] == hashlib.sha256(data[f"{key}.jpg"]).hexdigest()
@@ -255,8 +255,23 @@ def test_tar_members_are_img2dataset_like(world, truth):
     assert all_failed, "some downloads fail, as in img2dataset"
 
 
+def _intact(truth: pd.DataFrame, dups: pd.DataFrame) -> pd.DataFrame:
+    """Duplicates where neither copy was planted broken (broken ones differ on purpose)."""
+    broken = set(truth.index[truth["broken"].notna()])
+    return dups[~dups.index.isin(broken) & ~dups["dup_of"].isin(broken)]
+
+
+def test_broken_samples_are_planted(truth, pool_images):
+    broken = truth[truth["broken"].notna()]
+    assert set(broken["broken"]) <= {"truncated_image", "corrupt_image", "caption_not_utf8"}
+    assert len(broken) >= 1
+    for key, row in broken.iterrows():
+        if row["broken"] == "truncated_image":
+            assert pool_images[key][:2] == b"\xff\xd8" and pool_images[key][-2:] != b"\xff\xd9"
+
+
 def test_exact_duplicates_have_identical_bytes(truth, pool_images):
-    dups = truth[truth["is_exact_dup"]]
+    dups = _intact(truth, truth[truth["is_exact_dup"]])
     assert len(dups) > 0
     for key, row in dups.iterrows():
         assert pool_images[key] == pool_images[row["dup_of"]]
@@ -265,14 +280,14 @@ def test_exact_duplicates_have_identical_bytes(truth, pool_images):
 
 
 def test_near_duplicates_are_visually_close(truth, pool_images):
-    dups = truth[truth["is_near_dup"]]
+    dups = _intact(truth, truth[truth["is_near_dup"]])
     assert len(dups) > 0
 
     def coarse(key: str) -> np.ndarray:  # 8x8 blocks: robust to the 1-3 px shift, sensitive to content
         return pixels(pool_images[key]).reshape(8, 8, 8, 8, 3).mean(axis=(1, 3))
 
     near = [np.abs(coarse(k) - coarse(r["dup_of"])).mean() for k, r in dups.iterrows()]
-    keys = truth.index[~truth["is_junk"]].tolist()
+    keys = truth.index[~truth["is_junk"] & truth["broken"].isna()].tolist()
     rand = [np.abs(coarse(a) - coarse(b)).mean() for a, b in zip(keys[:40], keys[40:80], strict=True)]
     assert all(pool_images[k] != pool_images[r["dup_of"]] for k, r in dups.iterrows())
     assert max(near) < 15 and np.median(near) < np.median(rand) / 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import core.models  # noqa: F401  (torch + open_clip load at collection, not inside the first test)
 import core.sources.laion  # noqa: F401  (registers the laion source)
 import core.sources.parquet  # noqa: F401  (registers the parquet source)
 from core.datasets import open_dataset, register_dataset
@@ -67,6 +69,12 @@ def ws(tmp_path_factory):
     return ws
 
 
+@pytest.fixture(scope="module")
+def img16(ws):
+    """The reference image set (shards of 16 rows, batches of 8, no workers); other tests compare to it."""
+    return embed_dataset(ws, cfg(set_id="img16"))
+
+
 def cfg(**kw):
     base = {"dataset": "gen", "shard_rows": 16, "batch_size": 8, "num_workers": 0, "device": "cpu"}
     return EmbedConfig(**{**base, **kw})
@@ -108,8 +116,8 @@ def test_shard_ranges_and_normalisation():
 
 
 # -- image and text embedding ----------------------------------------------------------------------
-def test_image_embedding_shards_ids_norms_and_catalog(ws):
-    info = embed_dataset(ws, cfg(set_id="img16"))
+def test_image_embedding_shards_ids_norms_and_catalog(ws, img16):
+    info = img16
     index = open_dataset(ws, "gen").index
     folder = ws.dir("embeddings", "img16")
     assert info.path == folder and info.n == N_IMAGES - 1 and info.dim == DIM
@@ -148,7 +156,7 @@ def test_text_embedding_skips_rows_without_caption(ws):
     assert not (ws.dir("embeddings", "txt") / "image").exists()
 
 
-def test_both_modalities_with_workers_match_the_single_process_run(ws):
+def test_both_modalities_with_workers_match_the_single_process_run(ws, img16):
     info = embed_dataset(ws, cfg(set_id="both-w2", modality="both", num_workers=2, batch_size=5))
     assert set(info.stats) == {"image", "text"} and info.n == N_IMAGES - 1
     single_img = load_embeddings(ws, "img16")[1]
@@ -178,6 +186,34 @@ def test_injected_failure_resumes_to_byte_identical_shards(ws):
 
     again = embed_dataset(ws, cfg(set_id="crashy"))  # complete: nothing recomputed, no new run
     assert again.run_id is None and again.n == reference.n
+
+
+def test_crash_between_npy_and_parquet_and_stale_temp_files(ws, img16, monkeypatch):
+    import core.embed as embed_mod
+
+    real = embed_mod.atomic.write_parquet
+    calls = []
+
+    def dies_on_second_shard(dest, table, **kw):
+        calls.append(dest)
+        if len(calls) == 2:
+            raise OSError("disk went away")
+        return real(dest, table, **kw)
+
+    monkeypatch.setattr(embed_mod.atomic, "write_parquet", dies_on_second_shard)
+    with pytest.raises(OSError, match="disk went away"):
+        embed_dataset(ws, cfg(set_id="torn"))
+    monkeypatch.setattr(embed_mod.atomic, "write_parquet", real)
+    folder = ws.dir("embeddings", "torn", "image")
+    assert sorted(p.name for p in folder.iterdir()) == ["part-00000.npy", "part-00000.parquet", "part-00001.npy"]
+    stale = folder / ".part-00002.npy.tmp-999999999-abcd"  # a writer killed with SIGKILL (no such pid)
+    stale.write_bytes(b"partial")
+    live = folder / f".part-00002.npy.tmp-{os.getppid()}-abcd"  # a live process's file is left alone
+    live.write_bytes(b"partial")
+    embed_dataset(ws, cfg(set_id="torn"))
+    assert not stale.exists() and live.exists()
+    live.unlink()
+    assert digests(ws.dir("embeddings", "torn"), "image") == digests(ws.dir("embeddings", "img16"), "image")
 
 
 def test_existing_set_with_another_config_is_refused_unless_replaced(ws):
