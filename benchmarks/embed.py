@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=default_workers())
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads of the main process (default: torch's choice); 1 gives steady "
+                        "numbers on a machine other jobs share")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (the median is reported)")
     return p.parse_args(argv)
 
@@ -125,6 +128,10 @@ def machine_line(clip) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from core.embed import EmbedConfig
     from core.models import load_clip
 

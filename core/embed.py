@@ -261,11 +261,50 @@ def normalize_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- the torch side: rows -> tensors ---------------------------------------------------------------
+def split_transform(transform: Any) -> tuple[Any, tuple[float, ...], tuple[float, ...]] | None:
+    """Split an open_clip eval transform ``Compose([...PIL steps, ToTensor, Normalize])`` into its PIL
+    steps and the normalisation (mean, std), or None when it has another shape.
+
+    Workers then ship uint8 (H, W, 3) crops (a quarter of the bytes through the worker queue and to
+    the GPU) and :class:`BatchNormalizer` converts whole batches on the device: the same elementwise
+    float32 ops as ``ToTensor`` + ``Normalize``, so the result is identical.
+    """
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        return None
+    if any(isinstance(t, (T.ToTensor, T.Normalize)) for t in steps[:-2]):
+        return None
+    return T.Compose(steps[:-2]), tuple(map(float, steps[-1].mean)), tuple(map(float, steps[-1].std))
+
+
+class BatchNormalizer:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 normalised on ``device``; float batches pass through."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: Any) -> None:
+        import torch
+
+        self.device = device
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, batch: Any) -> Any:
+        import torch
+
+        if batch.dtype != torch.uint8:
+            return batch
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32).div(255)
+        return x.sub_(self.mean).div_(self.std)
+
+
 class ImageRows:
     """torch-style dataset over index positions: ``(position, image tensor | None, skip reason | None)``.
 
-    Index rows are turned into dicts (nulls as None, like ``Dataset.iter_rows``) a chunk at a time: a
-    pandas row costs ~100 us, as much as decoding a small image. Each worker keeps its current chunk.
+    The tensor is a uint8 (H, W, 3) crop when the transform splits (:func:`split_transform`), else
+    the transform's output. Index rows are turned into dicts (nulls as None, like
+    ``Dataset.iter_rows``) a chunk at a time: a pandas row costs ~100 us, as much as decoding a small
+    image. Each worker keeps its current chunk.
     """
 
     CHUNK = 4096
@@ -273,7 +312,9 @@ class ImageRows:
     def __init__(self, ds: Dataset, transform: Any) -> None:
         self.index = ds.index
         self.source = ds.source
-        self.transform = transform
+        split = split_transform(transform)
+        self.transform = split[0] if split else transform
+        self.uint8 = split is not None
         self._chunk_id = -1
         self._chunk: list[dict[str, Any]] = []
 
@@ -289,6 +330,8 @@ class ImageRows:
         return self._chunk[pos - chunk * self.CHUNK]
 
     def __getitem__(self, pos: int) -> tuple[int, Any, str | None]:
+        import torch
+
         row = self.row(pos)
         try:
             image = self.source.load_image(row)
@@ -296,7 +339,10 @@ class ImageRows:
             return pos, None, exc.reason
         except PathOutsideWorkspace:
             return pos, None, "path_outside_root"
-        return pos, self.transform(image), None
+        out = self.transform(image)
+        if self.uint8:
+            out = torch.from_numpy(np.array(out.convert("RGB"), dtype=np.uint8))
+        return pos, out, None
 
 
 class CaptionRows:
@@ -591,7 +637,7 @@ def _embed_modality(ds: Dataset, clip: Any, cfg: EmbedConfig, modality: str, fol
     if pending:
         rows = ImageRows(ds, clip.preprocess) if modality == "image" else CaptionRows(ds.index["caption"], clip.tokenizer)
         loader = _loader(rows, [ranges[k] for k in pending], cfg, clip.device)
-        encode = clip.encode_images if modality == "image" else clip.encode_texts
+        encode = _image_encoder(clip) if modality == "image" else clip.encode_texts
         total = sum(ranges[k][1] - ranges[k][0] for k in pending)
         progress_file = ProgressWriter(handle.dir) if handle is not None else None
         started, done = time.perf_counter(), 0
@@ -614,6 +660,15 @@ def _embed_modality(ds: Dataset, clip: Any, cfg: EmbedConfig, modality: str, fol
             writer.close()
         rate = total / max(time.perf_counter() - started, 1e-9)
     return _modality_stats(folder, len(ranges), len(pending), rate)
+
+
+def _image_encoder(clip: Any) -> Any:
+    """``clip.encode_images`` taking the loader's batches (uint8 crops normalised on the device)."""
+    split = split_transform(clip.preprocess)
+    if split is None:
+        return clip.encode_images
+    normalize = BatchNormalizer(split[1], split[2], clip.device)
+    return lambda batch: clip.encode_images(normalize(batch))
 
 
 def _add_batch(writer: _ShardWriter, positions: list[int], batch: Any, skipped: list[tuple[int, str | None]],

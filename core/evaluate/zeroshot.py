@@ -198,7 +198,7 @@ def _evaluate_one(ws: Workspace, cfg: ZeroShotConfig, clip: Any, name: str, temp
     y = labels.to_numpy()[keep].astype(np.int64)
     W = build_text_classifier(lambda t: clip.encode_texts(t).cpu().numpy(), classes, templates)
     logits = np.asarray(image_X, dtype=np.float32)[keep] @ W.T
-    rows = [("zeroshot_top%d" % k, v) for k, v in topk_accuracy(logits, y, cfg.ks).items()]
+    rows = [(f"zeroshot_top{k}", v) for k, v in topk_accuracy(logits, y, cfg.ks).items()]
     acc = per_class_accuracy(logits.argmax(1), y, len(classes))
     rows += [(f"zeroshot_class_acc:{c}", float(a)) for c, a in zip(classes, acc, strict=True) if not np.isnan(a)]
     if text is not None:

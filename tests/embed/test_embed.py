@@ -307,3 +307,24 @@ def test_laion_import_checks_kind_and_width(ws, tmp_path):
     assert info.n == 5 and info.id == "laion_w.generator-latents.image"
     with pytest.raises(ConfigError, match="is a image_folder dataset, not a LAION embedding release"):
         import_laion_embeddings(ws, "gen", model="demo-vit-tiny")
+
+
+# -- the worker / device split of the image transform ----------------------------------------------
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
+def test_uint8_batches_normalised_on_device_equal_the_open_clip_transform(resize_mode):
+    import open_clip
+    import torch
+
+    from core.embed import BatchNormalizer, split_transform
+
+    transform = open_clip.image_transform(48, is_train=False, resize_mode=resize_mode)
+    pil_steps, mean, std = split_transform(transform)
+    rng = np.random.default_rng(1)
+    pics = [Image.fromarray(rng.integers(0, 255, (int(h), int(w), 3), dtype=np.uint8))
+            for h, w in rng.integers(8, 120, size=(6, 2))]
+    pics += [pics[0].convert("L"), pics[1].convert("P"), pics[2].convert("RGBA")]
+    want = torch.stack([transform(p) for p in pics])
+    crops = torch.stack([torch.from_numpy(np.array(pil_steps(p).convert("RGB"), dtype=np.uint8)) for p in pics])
+    assert crops.dtype == torch.uint8
+    assert torch.equal(BatchNormalizer(mean, std, torch.device("cpu"))(crops), want)
+    assert split_transform(lambda img: img) is None
