@@ -27,6 +27,10 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="Register, list and inspect datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+embeddings_app = typer.Typer(help="List and import embedding sets.", no_args_is_help=True)
+app.add_typer(embeddings_app, name="embeddings")
+eval_app = typer.Typer(help="Evaluate models (zero-shot, corruptions, detection).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 WorkspaceOpt = Annotated[
     Path | None,
@@ -144,6 +148,91 @@ def datasets_kinds() -> None:
         typer.echo(f"{entry.name}: {entry.summary}")
         for p in entry.params:
             typer.echo(f"    {p.name} ({p.kind}, default {p.default!r}): {p.help}")
+
+
+@app.command()
+def embed(
+    dataset: Annotated[str, typer.Argument(help="registered dataset to embed")],
+    model: Annotated[str, typer.Option(help="open_clip architecture or project config")] = "demo-vit-tiny",
+    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag (downloads once)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="local weights file")] = None,
+    modality: Annotated[str, typer.Option(help="image | text | both")] = "image",
+    batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 128,
+    num_workers: Annotated[int | None, typer.Option(help="image-decoding worker processes")] = None,
+    shard_rows: Annotated[int, typer.Option(help="rows per output shard")] = 65_536,
+    dtype: Annotated[str, typer.Option(help="float16 | float32 on disk")] = "float16",
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(help="download cache for pretrained weights")] = None,
+    set_id: Annotated[str | None, typer.Option(help="name of the embedding set")] = None,
+    limit: Annotated[int | None, typer.Option(help="embed only the first N samples")] = None,
+    replace: Annotated[bool, typer.Option(help="recompute an existing set from scratch")] = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Embed a dataset's images and/or captions (sharded, resumable: rerun to continue)."""
+    from core.embed import EmbedConfig, embed_dataset
+
+    kw: dict[str, Any] = {} if num_workers is None else {"num_workers": num_workers}
+    cfg = EmbedConfig(dataset=dataset, model=model, pretrained=pretrained,
+                      checkpoint=str(checkpoint) if checkpoint else None, modality=modality, batch_size=batch_size,
+                      shard_rows=shard_rows, dtype=dtype, device=device, precision=precision,
+                      cache_dir=str(cache_dir) if cache_dir else None, set_id=set_id, limit=limit, **kw)
+    info = embed_dataset(_ws(workspace), cfg, progress=sys.stderr.isatty(), replace=replace)
+    rate = f", {info.images_per_s:.1f} rows/s" if info.images_per_s else ""
+    typer.echo(f"embedding set {info.id}: {info.n} rows x {info.dim} ({info.dtype}), {info.n_skipped} skipped{rate}")
+
+
+@embeddings_app.command("list")
+def embeddings_list(workspace: WorkspaceOpt = None) -> None:
+    """List embedding sets."""
+    from core.embed import list_embedding_sets
+
+    _print_table(list_embedding_sets(_ws(workspace)).drop(columns=["created_at", "path"]))
+
+
+@embeddings_app.command("import-laion")
+def embeddings_import_laion(
+    dataset: Annotated[str, typer.Argument(help="a registered dataset of kind laion")],
+    model: Annotated[str, typer.Option(help="the model that made the embeddings (label, width check)")],
+    pretrained: Annotated[str | None, typer.Option(help="its pretrained tag (label)")] = None,
+    modality: Annotated[str, typer.Option(help="image | text | both")] = "image",
+    set_id: Annotated[str | None, typer.Option(help="name of the embedding set")] = None,
+    replace: Annotated[bool, typer.Option(help="re-import an existing set")] = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Register LAION-style precomputed embeddings as an embedding set (no model runs)."""
+    from core.embed import import_laion_embeddings
+
+    info = import_laion_embeddings(_ws(workspace), dataset, model=model, pretrained=pretrained, modality=modality,
+                                   set_id=set_id, replace=replace, progress=sys.stderr.isatty())
+    typer.echo(f"embedding set {info.id}: {info.n} rows x {info.dim}, {info.n_skipped} skipped")
+
+
+@eval_app.command("zeroshot")
+def eval_zeroshot(
+    datasets: Annotated[list[str], typer.Argument(help="labelled datasets to classify")],
+    model: Annotated[str, typer.Option(help="open_clip architecture or project config")] = "demo-vit-tiny",
+    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="local weights file (e.g. a trained run's last.pt)")] = None,
+    classnames: Annotated[Path | None, typer.Option(help="class names in label order (.txt or .json)")] = None,
+    templates: Annotated[Path | None, typer.Option(help="prompt templates with {} (.txt or .json)")] = None,
+    model_label: Annotated[str | None, typer.Option(help="name of the model in the metrics table")] = None,
+    retrieval: Annotated[bool, typer.Option(help="also image-text recall@k on captioned data")] = True,
+    batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 256,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Zero-shot top-1/top-5 and per-class accuracy (plus retrieval recall@k) into the metrics table."""
+    from core.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot
+
+    cfg = ZeroShotConfig(datasets=tuple(datasets), model=model, pretrained=pretrained,
+                         checkpoint=str(checkpoint) if checkpoint else None,
+                         classnames=str(classnames) if classnames else None,
+                         templates=str(templates) if templates else None, model_label=model_label,
+                         retrieval=retrieval, batch_size=batch_size, device=device)
+    result = evaluate_zeroshot(_ws(workspace), cfg, progress=sys.stderr.isatty())
+    main_rows = result[~result.metric.str.startswith("zeroshot_class_acc:")]
+    _print_table(main_rows.pivot_table(index="dataset", columns="metric", values="value").reset_index())
 
 
 @app.command()
