@@ -431,7 +431,7 @@ def embed_dataset(ws: Workspace, cfg: EmbedConfig, *, progress: bool = False, fa
         for modality in cfg.modalities:
             stats[modality] = _embed_modality(ds, clip, cfg, modality, set_dir / modality, ranges, pending[modality],
                                               budget=budget, progress=progress, handle=handle)
-        meta = _final_meta(meta, cfg, stats, clip, set_dir)
+        meta = _final_meta(meta, cfg, stats, clip)
         atomic.write_json(set_dir / META_FILE, meta)
         info = _register(ws, set_id, meta, run_id=handle.id if handle else None)
         if handle is not None:
@@ -710,8 +710,7 @@ def _modality_stats(folder: Path, n_shards: int, computed: int, rows_per_s: floa
                          repaired=dict(sorted(repaired.items())))
 
 
-def _final_meta(meta: dict[str, Any], cfg: EmbedConfig, stats: dict[str, ModalityStats], clip: Any,
-                set_dir: Path) -> dict[str, Any]:
+def _final_meta(meta: dict[str, Any], cfg: EmbedConfig, stats: dict[str, ModalityStats], clip: Any) -> dict[str, Any]:
     return {**meta, "complete": True, "set_id": cfg.set_id, "dataset": cfg.dataset, "model": cfg.model,
             "pretrained": cfg.pretrained or cfg.checkpoint, "weights": clip.weights, "dim": clip.embed_dim,
             "dtype": cfg.dtype, "modality": cfg.modality, "device": str(clip.device), "precision": clip.precision,
@@ -842,22 +841,9 @@ def import_laion_embeddings(ws: Workspace, dataset: str, *, model: str, pretrain
     Raises: UnknownName (dataset), ConfigError (not a laion dataset, bad option), DataError (width
     mismatch, no text embeddings for modality text).
     """
-    from core.models import model_embed_dim
-
     cfg = _ImportConfig(dataset, model, pretrained, modality, shard_rows, dtype, set_id)
     ds = open_dataset(ws, dataset)
-    source: Any = ds.source  # a LaionSource: iter_embeddings(), embedding_dim()
-    if not hasattr(source, "iter_embeddings"):
-        raise ConfigError(f"dataset '{dataset}' is a {ds.row['kind']} dataset, not a LAION embedding release",
-                          hint="compute its embeddings with `prunescope embed` instead")
-    dims = {m: int(source.embedding_dim("img" if m == "image" else "text")) for m in cfg.modalities}
-    expected = model_embed_dim(model)
-    for m, d in dims.items():
-        if expected is not None and d != expected:
-            raise DataError(f"the {m} embeddings of '{dataset}' are {d}-wide but {model} embeds {expected}-wide",
-                            hint="pass the --model the release was computed with")
-    if len(set(dims.values())) > 1:
-        raise DataError(f"image and text embeddings of '{dataset}' differ in width: {dims}")
+    dims = _release_dims(ds, cfg)
     n = len(ds.index)
     set_id = cfg.resolved_set_id
     set_dir = ws.dir("embeddings", set_id)
@@ -881,6 +867,25 @@ def import_laion_embeddings(ws: Workspace, dataset: str, *, model: str, pretrain
         info = _register(ws, set_id, meta, run_id=handle.id)
         handle.message = _summary(info)
     return info
+
+
+def _release_dims(ds: Dataset, cfg: _ImportConfig) -> dict[str, int]:
+    """Embedding width per modality of a LAION release, checked against the named model's width."""
+    from core.models import model_embed_dim
+
+    source: Any = ds.source  # a LaionSource: iter_embeddings(), embedding_dim()
+    if not hasattr(source, "iter_embeddings"):
+        raise ConfigError(f"dataset '{cfg.dataset}' is a {ds.row['kind']} dataset, not a LAION embedding release",
+                          hint="compute its embeddings with `prunescope embed` instead")
+    dims = {m: int(source.embedding_dim("img" if m == "image" else "text")) for m in cfg.modalities}
+    expected = model_embed_dim(cfg.model)
+    for m, d in dims.items():
+        if expected is not None and d != expected:
+            raise DataError(f"the {m} embeddings of '{cfg.dataset}' are {d}-wide but {cfg.model} embeds "
+                            f"{expected}-wide", hint="pass the --model the release was computed with")
+    if len(set(dims.values())) > 1:
+        raise DataError(f"image and text embeddings of '{cfg.dataset}' differ in width: {dims}")
+    return dims
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,15 @@ pruning, training, evaluation) append themselves to :data:`STAGES`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from core import atomic
 from core.datasets import list_datasets, register_dataset
 from core.errors import ConfigError
 from core.reference import load_reference_results
@@ -94,10 +96,105 @@ def stage_reference_results(ctx: DemoContext) -> str:
     return f"reference results: {load_reference_results(ctx.ws)} published rows"
 
 
+#: CLIP training steps (batch 64) of the demo model per world size.
+TRAIN_STEPS = {"tiny": 200, "small": 800, "full": 2500}
+DEMO_MODEL = "demo-vit-tiny"
+BENCHMARKS = ("val", "sketch", "rendition", "v2", "hard")
+
+
+def _state_path(ctx: DemoContext) -> Path:
+    return ctx.ws.dir("cache", "demo_state.json")
+
+
+def _state(ctx: DemoContext) -> dict[str, Any]:
+    path = _state_path(ctx)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_state(ctx: DemoContext, **updates: Any) -> None:
+    atomic.write_json(_state_path(ctx), {**_state(ctx), **updates})
+
+
+def stage_train_clip(ctx: DemoContext) -> str:
+    """Train the demo CLIP on the pool (resuming an interrupted demo training run)."""
+    from core.train.clip import TrainClipConfig, train_clip
+
+    state = _state(ctx).get("train_clip", {})
+    if state.get("done"):
+        return f"demo CLIP already trained (run {state['run_id']})"
+    steps = TRAIN_STEPS[ctx.size]
+    cfg = TrainClipConfig(dataset="pool", model=DEMO_MODEL, steps=steps, batch_size=64, lr=1e-3,
+                          warmup_steps=max(10, steps // 20), checkpoint_every=max(50, steps // 4), seed=ctx.seed,
+                          cpu_threads=1)
+    previous = _unfinished_demo_run(ctx, cfg)
+    if previous:
+        log.info("resuming the interrupted demo training run %s", previous)
+        cfg = replace(cfg, run_id=previous)
+    result = train_clip(ctx.ws, cfg, progress=ctx.progress)
+    _save_state(ctx, train_clip={"run_id": result.run_id, "done": result.finished,
+                                 "checkpoint": ctx.ws.rel(result.checkpoint) if result.checkpoint else None})
+    return (f"trained {DEMO_MODEL} on pool: {result.steps} steps, final loss {result.final_loss:.3f}, "
+            f"{result.img_per_s:.0f} img/s (run {result.run_id})")
+
+
+def _unfinished_demo_run(ctx: DemoContext, cfg: Any) -> str | None:
+    """The newest demo training run with this config that stopped before the end and can resume."""
+    runs = ctx.ws.catalog.query(
+        "SELECT id, status, config_json, run_dir FROM runs WHERE kind = 'train-clip' ORDER BY started_at DESC")
+    keys = ("dataset", "model", "steps", "seed", "batch_size", "lr")
+    for run in runs.itertuples():
+        stored = json.loads(run.config_json or "{}")
+        matches = all(stored.get(k) == getattr(cfg, k) for k in keys) and run.status != "done"
+        if matches and (ctx.ws.abs(run.run_dir) / "checkpoints" / "last.pt").exists():
+            return str(run.id)
+    return None
+
+
+def _checkpoint(ctx: DemoContext) -> str:
+    state = _state(ctx).get("train_clip", {})
+    if not state.get("checkpoint"):
+        raise ConfigError("the demo CLIP has not been trained yet; run the train stage first")
+    return str(ctx.ws.abs(state["checkpoint"]))
+
+
+def stage_embed(ctx: DemoContext) -> str:
+    """Embed the pool (images + captions) and the reference set with the demo CLIP (resumable)."""
+    from core.embed import EmbedConfig, embed_dataset
+
+    done = []
+    for name, modality in (("pool", "both"), ("reference", "image")):
+        cfg = EmbedConfig(dataset=name, model=DEMO_MODEL, checkpoint=_checkpoint(ctx), modality=modality,
+                          set_id=f"{name}.demo-clip.{modality}", num_workers=0)
+        info = embed_dataset(ctx.ws, cfg, progress=ctx.progress)
+        done.append(f"{info.id} ({info.n} rows)")
+    return "embedded " + ", ".join(done)
+
+
+def stage_zeroshot(ctx: DemoContext) -> str:
+    """Zero-shot top-1 of the demo CLIP on every benchmark (skipped when already measured)."""
+    from core.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot
+
+    state = _state(ctx).get("zeroshot", {})
+    checkpoint = _checkpoint(ctx)
+    if state.get("checkpoint") == checkpoint:
+        return "zero-shot already evaluated: " + state.get("summary", "")
+    cfg = ZeroShotConfig(datasets=BENCHMARKS, model=DEMO_MODEL, checkpoint=checkpoint,
+                         classnames=str(ctx.world / "classes.json"), templates=str(ctx.world / "templates.json"),
+                         model_label="demo-clip")
+    result = evaluate_zeroshot(ctx.ws, cfg, progress=ctx.progress)
+    top1 = result[result.metric == "zeroshot_top1"]
+    summary = ", ".join(f"{d} {v:.1%}" for d, v in zip(top1.dataset, top1.value, strict=True))
+    _save_state(ctx, zeroshot={"checkpoint": checkpoint, "summary": summary})
+    return f"zero-shot top-1 of demo-clip: {summary}"
+
+
 STAGES: list[tuple[str, Stage]] = [
     ("generate", stage_generate),
     ("register", stage_register),
     ("reference_results", stage_reference_results),
+    ("train_clip", stage_train_clip),
+    ("embed", stage_embed),
+    ("zeroshot", stage_zeroshot),
 ]
 
 

@@ -217,13 +217,14 @@ def test_module_entry_point_trains_and_resumes(captioned, capsys):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_under_torchrun_train_one_run(captioned, tmp_path):
+@pytest.mark.parametrize("loss", LOSSES.names())
+def test_two_cpu_processes_under_torchrun_train_one_run(captioned, loss):
     """DDP on CPU (gloo): two ranks, one run folder written by rank 0, a global batch of 2 x 4."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "core.train.clip", "--workspace", str(captioned.ws.root), "--dataset", captioned.dataset,
            "--steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--device", "cpu", "--no-progress",
-           "--log-every", "1", "--loss", "aninfonce"]
+           "--log-every", "1", "--loss", loss, "--cpu-threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -232,3 +233,9 @@ def test_two_cpu_processes_under_torchrun_train_one_run(captioned, tmp_path):
     progress = read_progress(captioned.ws.abs(f"runs/{out['run_id']}"))
     assert [p["step"] for p in progress] == [1, 2, 3]
     assert progress[-1]["img_per_s"] > 0
+    ckpt = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 3
+    with pytest.raises(ConfigError, match="trained with 2 process"):  # resuming needs the same world size
+        train_clip(captioned.ws, load_run_config(captioned.ws, out["run_id"]))
+    status = captioned.ws.catalog.query("SELECT status FROM runs WHERE id = ?", [out["run_id"]])["status"][0]
+    assert status == "done"  # a refused resume leaves the run's record alone
