@@ -31,6 +31,10 @@ embeddings_app = typer.Typer(help="List and import embedding sets.", no_args_is_
 app.add_typer(embeddings_app, name="embeddings")
 eval_app = typer.Typer(help="Evaluate models (zero-shot, corruptions, detection).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+train_app = typer.Typer(help="Train models (CLIP on a dataset or a pruning manifest).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+experiment_app = typer.Typer(help="Controlled experiments that check a method's claim.", no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
 
 WorkspaceOpt = Annotated[
     Path | None,
@@ -233,6 +237,78 @@ def eval_zeroshot(
     result = evaluate_zeroshot(_ws(workspace), cfg, progress=sys.stderr.isatty())
     main_rows = result[~result.metric.str.startswith("zeroshot_class_acc:")]
     _print_table(main_rows.pivot_table(index="dataset", columns="metric", values="value").reset_index())
+
+
+@train_app.command("clip")
+def train_clip_cmd(
+    dataset: Annotated[str | None, typer.Argument(help="registered dataset with captions")] = None,
+    manifest: Annotated[str | None, typer.Option(help="pruning manifest (id or parquet path) of kept ids")] = None,
+    model: Annotated[str, typer.Option(help="open_clip architecture or project config")] = "demo-vit-tiny",
+    pretrained: Annotated[str | None, typer.Option(help="start from this open_clip pretrained tag")] = None,
+    loss: Annotated[str, typer.Option(help="infonce | aninfonce")] = "infonce",
+    steps: Annotated[int, typer.Option(help="optimiser updates")] = 100,
+    batch_size: Annotated[int, typer.Option(help="samples per update (per process)")] = 64,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 5e-4,
+    warmup_steps: Annotated[int, typer.Option(help="linear warm-up steps")] = 10,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints (0: only at the end)")] = 100,
+    seed: Annotated[int, typer.Option(help="init, data order, augmentation")] = 0,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    num_workers: Annotated[int, typer.Option(help="data-loading worker processes")] = 0,
+    cpu_threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 is fastest on a busy laptop)")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="any other config field key=value")] = None,
+    resume: Annotated[str | None, typer.Option(help="resume this run id with its stored config")] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Train CLIP (InfoNCE or AnInfoNCE) with checkpoints; --resume RUN_ID continues an interrupted run."""
+    from dataclasses import replace
+
+    from core.train.clip import TrainClipConfig, load_run_config, train_clip
+
+    ws = _ws(workspace)
+    if resume:
+        cfg = load_run_config(ws, resume)
+        if device or cpu_threads:
+            cfg = replace(cfg, device=device or cfg.device, cpu_threads=cpu_threads or cfg.cpu_threads)
+    else:
+        if not dataset:
+            raise ConfigError("name the dataset to train on (or --resume RUN_ID)")
+        values: dict[str, Any] = dict(
+            dataset=dataset, manifest=manifest, model=model, pretrained=pretrained, loss=loss, steps=steps,
+            batch_size=batch_size, lr=lr, warmup_steps=min(warmup_steps, steps), checkpoint_every=checkpoint_every,
+            seed=seed, device=device, precision=precision, num_workers=num_workers, cpu_threads=cpu_threads)
+        cfg = TrainClipConfig.from_dict({**values, **_parse_options(option)})
+    result = train_clip(ws, cfg, progress=sys.stderr.isatty())
+    state = "finished" if result.finished else f"stopped at step {result.steps}/{result.total_steps}"
+    typer.echo(f"run {result.run_id} {state}: final loss {result.final_loss:.4f}, {result.img_per_s:.1f} img/s, "
+               f"checkpoint {result.checkpoint}")
+
+
+@experiment_app.command("aninfonce")
+def experiment_aninfonce(
+    steps: Annotated[int | None, typer.Option(help="updates per loss")] = None,
+    dim: Annotated[int | None, typer.Option(help="number of latents")] = None,
+    seed: Annotated[int, typer.Option(help="seed of mixing, encoder, data")] = 0,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="any other config field key=value")] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """InfoNCE vs AnInfoNCE on anisotropic synthetic latents: R^2 per latent and the learned Lambda."""
+    from dataclasses import fields
+
+    from core.experiments.aninfonce import AnInfoNCEExperimentConfig, run_and_record
+
+    values: dict[str, Any] = {"seed": seed, **({"steps": steps} if steps else {}), **({"dim": dim} if dim else {})}
+    values.update(_parse_options(option))
+    known = {f.name for f in fields(AnInfoNCEExperimentConfig)}
+    if set(values) - known:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(set(values) - known))}; known: {', '.join(sorted(known))}")
+    try:
+        cfg = AnInfoNCEExperimentConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    result = run_and_record(_ws(workspace), cfg, progress=sys.stderr.isatty())
+    _print_table(result.table)
+    typer.echo(f"run {result.run_id} ({result.seconds:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in result.summary.items()))
 
 
 @app.command()

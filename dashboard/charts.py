@@ -17,6 +17,7 @@ ROLE_COLORS = {"pool": "#4C5FD5", "benchmark": "#E8833A", "reference": "#3AA57A"
 OTHER_COLOR = "#8A8FA3"
 SKIPPED_COLOR = "#C9CCD6"
 ACTION_COLORS = {"skipped": "#D9534F", "repaired": "#E8B13A"}
+MODEL_COLORS = ("#4C5FD5", "#E8833A", "#3AA57A", "#B5478C", "#2E9BC4", "#8A6D3B")
 FONT = dict(family="sans-serif", size=13, color="#1F2430")
 
 
@@ -132,3 +133,27 @@ def skip_reasons(issues: pd.DataFrame) -> go.Figure:
     # A lone reason would otherwise fill the plot with one slab of colour.
     fig.update_layout(bargap=0.3 if len(order) > 3 else 0.65)
     return fig
+
+
+def zeroshot_accuracy(results: pd.DataFrame, *, chance: float | None = None) -> go.Figure:
+    """Grouped bars: zero-shot top-1 (%) per dataset, one trace per model, with a chance line.
+
+    Args:
+        results: rows with ``model``, ``dataset``, ``metric`` (only ``zeroshot_top1`` is drawn) and
+            ``value`` (a fraction).
+        chance: top-1 of guessing (1 / classes), drawn as a dotted line when given.
+    """
+    top1 = results[results["metric"] == "zeroshot_top1"]
+    if top1.empty:
+        return empty_figure("no zero-shot evaluation yet")
+    fig = go.Figure()
+    for i, (model, sub) in enumerate(top1.groupby("model", sort=True)):
+        fig.add_bar(name=plain(model), x=[plain(d) for d in sub["dataset"]], y=(sub["value"] * 100).tolist(),
+                    marker_color=MODEL_COLORS[i % len(MODEL_COLORS)],
+                    hovertemplate="%{x}<br>top-1 %{y:.1f}%<extra>" + plain(model) + "</extra>")
+    if chance is not None:
+        fig.add_hline(y=chance * 100, line_dash="dot", line_color=OTHER_COLOR,
+                      annotation_text=f"chance {chance:.1%}", annotation_position="top right")
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(range=[0, 100], ticksuffix="%")
+    return _layout(fig, title="Zero-shot top-1 by benchmark", x_title="", y_title="top-1 accuracy", height=360)

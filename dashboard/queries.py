@@ -125,3 +125,15 @@ def dataset_handle(root: str, dataset: str) -> Dataset:
 def dataset_has_images(root: str, dataset: str) -> bool:
     """False for sources without pixels (e.g. LAION embedding releases)."""
     return bool(getattr(dataset_handle(root, dataset).source, "has_images", True))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def zeroshot_results(root: str) -> pd.DataFrame:
+    """Zero-shot top-1/top-5 per (model, dataset) with the dataset's class count: model, dataset,
+    metric, value, n_classes, run_id."""
+    return _ws(root).catalog.query(
+        "SELECT m.model, m.dataset, m.metric, m.value, d.n_classes, m.run_id FROM metrics m "
+        "LEFT JOIN datasets d ON d.name = m.dataset "
+        "WHERE m.metric IN ('zeroshot_top1', 'zeroshot_top5') AND m.corruption IS NULL "
+        "ORDER BY m.model, m.dataset"
+    )

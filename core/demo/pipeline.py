@@ -25,6 +25,8 @@ from core.workspace import Workspace
 log = logging.getLogger(__name__)
 
 DEMO_FOLDER = "demo"
+#: Stands for the world's classes.json in DemoDataset options (the world folder is known at run time).
+CLASSES = "<world>/classes.json"
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,14 @@ DEMO_DATASETS: tuple[DemoDataset, ...] = (
     DemoDataset("reference", "image_folder", "reference", "reference", {},
                 "clean class-balanced set playing ImageNet-train"),
     DemoDataset("val", "image_folder", "benchmarks/val", "benchmark", {}, "same distribution as the pool"),
-    DemoDataset("sketch", "image_folder", "benchmarks/sketch", "benchmark", {"label_from": "classes_file"},
+    DemoDataset("sketch", "image_folder", "benchmarks/sketch", "benchmark", {"classes_file": CLASSES},
                 "line drawings"),
-    DemoDataset("rendition", "image_folder", "benchmarks/rendition", "benchmark", {"label_from": "classes_file"},
+    DemoDataset("rendition", "image_folder", "benchmarks/rendition", "benchmark", {"classes_file": CLASSES},
                 "flat cartoon renditions of a subset of classes"),
     DemoDataset("v2", "image_folder", "benchmarks/v2", "benchmark", {"label_from": "numeric"},
                 "re-sampled pose and size, ImageNetV2-style numeric folders"),
-    DemoDataset("hard", "parquet", "benchmarks/hard/hard.parquet", "benchmark", {}, "clutter, occlusion, low contrast"),
+    DemoDataset("hard", "parquet", "benchmarks/hard/hard.parquet", "benchmark", {"classes_file": CLASSES},
+                "clutter, occlusion, low contrast"),
 )
 
 
@@ -83,9 +86,7 @@ def stage_register(ctx: DemoContext) -> str:
         uri = (ctx.world / ds.path).resolve()
         if existing.get(ds.name) == str(uri):
             continue
-        options = dict(ds.options)
-        if options.get("label_from") == "classes_file":
-            options["classes_file"] = str(ctx.world / "classes.json")
+        options = {k: str(ctx.world / "classes.json") if v == CLASSES else v for k, v in ds.options.items()}
         info = register_dataset(ctx.ws, ds.name, ds.kind, uri, role=ds.role, options=options, replace=True,
                                 description=ds.description, progress=ctx.progress)
         done.append(f"{info.name} {info.n_samples}")
@@ -97,7 +98,7 @@ def stage_reference_results(ctx: DemoContext) -> str:
 
 
 #: CLIP training steps (batch 64) of the demo model per world size.
-TRAIN_STEPS = {"tiny": 200, "small": 800, "full": 2500}
+TRAIN_STEPS = {"tiny": 150, "small": 800, "full": 2500}
 DEMO_MODEL = "demo-vit-tiny"
 BENCHMARKS = ("val", "sketch", "rendition", "v2", "hard")
 

@@ -53,6 +53,7 @@ from core.sources.base import (
     read_local_file,
     rows_to_table,
 )
+from core.sources.image_folder import read_class_list
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +332,8 @@ def chunked_tables(rows: Iterator[dict[str, Any]], chunk_rows: int) -> Iterator[
         ParamSpec("caption_col", "str", None, "caption column (default: caption, text, txt)"),
         ParamSpec("label_col", "str", None, "label column (default: label, class, target)"),
         ParamSpec("image_root", "path", None, "folder the image paths are relative to (default: the parquet's)"),
+        ParamSpec("classes_file", "path", None, "class names in label order (.txt or .json) for integer labels, "
+                  "or the order of text labels"),
         ParamSpec("batch_rows", "int", DEFAULT_BATCH_ROWS, "rows read per record batch", min=1),
         *common_params(),
     ),
@@ -476,12 +479,21 @@ class ParquetSource(Source):
                 with closing(open_parquet(path)) as pf:
                     for batch in iter_batches(pf, [plan.label], path):
                         names.update(str(v) for v in batch.column(0).to_pylist() if v is not None)
+        if self.options.get("classes_file"):
+            order = read_class_list(Path(self.options["classes_file"]))
+            unknown = sorted(names - set(order))
+            if unknown:
+                raise DataError(f"label {unknown[0]!r} is not in classes_file {self.options['classes_file']}")
+            self._classes, self._classes_known = order, True
+            return {name: i for i, name in enumerate(order)}
         self._classes = sorted(names) if names else None
         self._classes_known = True
         return {name: i for i, name in enumerate(self._classes or [])}
 
     def classes(self) -> list[str] | None:
-        """Sorted class names when the label column holds text; None for integer or no labels."""
+        """Class names: the classes_file's when given, else sorted text labels; None for bare integers."""
+        if self.options.get("classes_file") and not self._classes_known:
+            self._classes, self._classes_known = read_class_list(Path(self.options["classes_file"])), True
         if not self._classes_known and self.root.exists():
             self._text_label_ids(self._plans())
         return self._classes

@@ -37,6 +37,7 @@ def render() -> None:
         datasets = queries.datasets(root)
         issues = queries.issues(root)
         runs = queries.runs(root)
+        zeroshot = queries.zeroshot_results(root)
     except PrunescopeError as exc:
         st.error(exc.one_line())
         return
@@ -46,6 +47,7 @@ def render() -> None:
                 "with `prunescope datasets add NAME KIND PATH`.")
     else:
         _datasets_section(datasets, issues)
+        _models_section(zeroshot)
         _inspect_section(root, datasets)
     _runs_section(runs)
 
@@ -64,6 +66,29 @@ def _datasets_section(datasets: pd.DataFrame, issues: pd.DataFrame) -> None:
     left, right = st.columns([3, 2])
     left.plotly_chart(charts.samples_per_dataset(datasets), width="stretch", theme=None)
     right.plotly_chart(charts.skip_reasons(issues), width="stretch", theme=None)
+
+
+def _models_section(zeroshot: pd.DataFrame) -> None:
+    st.subheader("Models")
+    if zeroshot.empty:
+        st.info("No model evaluated yet. `prunescope eval zeroshot DATASET ...` (or `prunescope demo`) adds "
+                "zero-shot accuracy here.")
+        return
+    table = zeroshot.pivot_table(index=["model", "dataset"], columns="metric", values="value").reset_index()
+    table = table.merge(zeroshot[["dataset", "n_classes"]].drop_duplicates("dataset"), on="dataset", how="left")
+    table["chance"] = 1.0 / table["n_classes"]
+    classes = table["n_classes"].dropna().unique()
+    chance = 1.0 / float(classes[0]) if len(classes) == 1 else None
+    left, right = st.columns([3, 2])
+    left.plotly_chart(charts.zeroshot_accuracy(zeroshot, chance=chance), width="stretch", theme=None)
+    right.dataframe(table, hide_index=True, width="stretch", column_config={
+        "model": st.column_config.TextColumn("model"),
+        "dataset": st.column_config.TextColumn("benchmark"),
+        "zeroshot_top1": st.column_config.NumberColumn("top-1", format="percent"),
+        "zeroshot_top5": st.column_config.NumberColumn("top-5", format="percent"),
+        "n_classes": st.column_config.NumberColumn("classes"),
+        "chance": st.column_config.NumberColumn("chance", format="percent"),
+    })
 
 
 def _inspect_section(root: str, datasets: pd.DataFrame) -> None:

@@ -135,3 +135,33 @@ def test_planted_broken_samples_are_counted_not_fatal(demo_ws):
     repaired = truth.loc[truth["broken"] == "caption_not_utf8", "key"]
     captions = index.set_index("id").loc[repaired, "caption"]
     assert captions.str.contains("\ufffd").all() or captions.str.contains("caf").all()
+
+
+def test_demo_clip_beats_chance_threefold_on_val(demo_ws):
+    ws, out, _ = demo_ws
+    df = Workspace(ws, create=False).catalog.query(
+        "SELECT m.dataset, m.value, d.n_classes FROM metrics m JOIN datasets d ON d.name = m.dataset "
+        "WHERE m.metric = 'zeroshot_top1' AND m.model = 'demo-clip'")
+    top1 = dict(zip(df["dataset"], df["value"], strict=True))
+    assert set(top1) == {"val", "sketch", "rendition", "v2", "hard"}
+    chance = 1.0 / df["n_classes"].max()
+    assert top1["val"] > 3 * chance, top1
+    assert "[zeroshot]" in out and "[train_clip]" in out
+
+
+def test_train_embed_and_experiment_commands(demo_ws, cli):
+    ws, _, _ = demo_ws
+    proc = cli("train", "clip", "pool", "--steps", "2", "--batch-size", "8", "--warmup-steps", "1",
+               "--cpu-threads", "1", workspace=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "finished" in proc.stdout and "checkpoint" in proc.stdout
+    proc = cli("embed", "val", "--limit", "20", "--batch-size", "8", "--num-workers", "0", "--set-id", "val-rand",
+               workspace=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "embedding set val-rand: 20 rows x 64" in proc.stdout
+    assert "val-rand" in cli("embeddings", "list", workspace=ws).stdout
+    proc = cli("experiment", "aninfonce", "--steps", "20", "-o", "n_eval=256", workspace=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "aninfonce_mean_r2" in proc.stdout
+    bad = cli("train", "clip", "pool", "--loss", "infonse", workspace=ws)
+    assert bad.returncode == 2 and "did you mean 'infonce'" in bad.stderr and "Traceback" not in bad.stderr

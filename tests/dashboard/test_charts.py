@@ -98,3 +98,17 @@ def test_samples_chart_switches_to_log_scale_for_wide_ranges():
     assert fig.layout.yaxis.type == "log" and "log scale" in fig.layout.title.text
     narrow = wide.assign(n_samples=[400, 300])
     assert charts.samples_per_dataset(narrow).layout.yaxis.type != "log"
+
+
+def test_zeroshot_chart_groups_models_and_draws_chance():
+    import pandas as pd
+
+    from dashboard import charts
+
+    df = pd.DataFrame({"model": ["a", "a", "b", "b", "a"], "dataset": ["val", "sketch", "val", "sketch", "val"],
+                       "metric": ["zeroshot_top1"] * 4 + ["zeroshot_top5"], "value": [0.6, 0.1, 0.5, 0.2, 0.9]})
+    fig = charts.zeroshot_accuracy(df, chance=1 / 12)
+    assert [t.name for t in fig.data] == ["a", "b"]
+    assert list(fig.data[0].x) == ["val", "sketch"] and list(fig.data[0].y) == pytest.approx([60.0, 10.0])
+    assert any("chance" in (a.text or "") for a in fig.layout.annotations)
+    assert charts.zeroshot_accuracy(df[df.metric == "none"]).layout.annotations[0].text == "no zero-shot evaluation yet"

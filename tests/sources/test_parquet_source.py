@@ -161,3 +161,20 @@ def test_url_only_text_labels_fast_path(tmp_path: Path) -> None:
     rows, _, source = scan(path)
     assert [(r["label"], r["class_name"]) for r in rows] == [(1, "dog"), (None, None), (0, "cat")]
     assert source.classes() == ["cat", "dog"] and rows[2]["flag"] is None
+
+
+def test_classes_file_names_integer_labels_and_orders_text_labels(tmp_path: Path) -> None:
+    for i in range(3):
+        write(tmp_path / "img" / f"{i}.png", image_bytes("PNG"))
+    (tmp_path / "classes.txt").write_text("zebra\napple\nmango\n")
+    write_parquet(tmp_path / "ints.parquet", {"path": [f"img/{i}.png" for i in range(3)], "label": [2, 0, 1]})
+    rows, _, source = scan(tmp_path / "ints.parquet", classes_file=str(tmp_path / "classes.txt"))
+    assert [r["label"] for r in rows] == [2, 0, 1]
+    assert source.classes() == ["zebra", "apple", "mango"]
+    write_parquet(tmp_path / "text" / "t.parquet",
+                  {"path": [f"img/{i}.png" for i in range(2)], "label": ["mango", "zebra"]})
+    rows, _, source = scan(tmp_path / "text", classes_file=str(tmp_path / "classes.txt"), image_root=str(tmp_path))
+    assert [r["label"] for r in rows] == [2, 0]  # the file's order, not sorted text
+    write_parquet(tmp_path / "bad" / "b.parquet", {"path": ["img/0.png"], "label": ["kiwi"]})
+    with pytest.raises(DataError, match="kiwi"):
+        scan(tmp_path / "bad", classes_file=str(tmp_path / "classes.txt"), image_root=str(tmp_path))
