@@ -7,7 +7,6 @@ SIZE   ?= small
 PORT   ?= 8501
 STAMP  := $(VENV)/.installed
 
-export HF_HUB_OFFLINE ?= 1
 
 .PHONY: run demo serve test test-fast lint install chromium clean-workspace
 
@@ -36,10 +35,10 @@ chromium:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not browser"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not browser"
 
 lint: $(STAMP)
 	$(BIN)/ruff check core dashboard tests

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+
+# Tests never reach a model hub, however pytest is started (the machines have no network to one).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 #: Captions a user's data could carry to attack the dashboard; they must show as literal text.
 HOSTILE_CAPTIONS = (
