@@ -105,6 +105,21 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
 
 
 @contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` torch intra-op CPU threads inside the block (None: leave as is); restored after.
+
+    On a small CPU shared with other work, 1 thread is often several times faster than all cores.
+    """
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def autocast(device: torch.device | str, precision: str = "auto") -> Iterator[None]:
     """Mixed-precision context for inference and training steps; a no-op for fp32 (CPU default)."""
     device = torch.device(device) if isinstance(device, str) else device

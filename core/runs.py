@@ -71,7 +71,30 @@ def recorded_run(ws: Workspace, kind: str, config: Mapping[str, Any], *, seed: i
         "seed": seed, "git_rev": rev, "version": ver, "started_at": utcnow(), "ended_at": None,
         "run_dir": ws.rel(run_dir), "pid": os.getpid(), "message": None,
     }])
-    handle = RunHandle(run_id, run_dir)
+    with _track_status(ws, RunHandle(run_id, run_dir)) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def resumed_run(ws: Workspace, run_id: str, kind: str) -> Iterator[RunHandle]:
+    """:func:`recorded_run`'s bookkeeping for an existing run of ``kind`` that continues.
+
+    Raises UnknownName when no such run exists.
+    """
+    from core.errors import UnknownName
+
+    found = ws.catalog.query("SELECT kind, run_dir FROM runs WHERE id = ?", [run_id])
+    if found.empty or found.iloc[0]["kind"] != kind:
+        raise UnknownName(f"{kind} run '{run_id}' not found in the catalog")
+    ws.catalog.execute("UPDATE runs SET status = 'running', ended_at = NULL, message = NULL, pid = ? WHERE id = ?",
+                       [os.getpid(), run_id])
+    with _track_status(ws, RunHandle(run_id, ws.abs(found.iloc[0]["run_dir"]))) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def _track_status(ws: Workspace, handle: RunHandle) -> Iterator[RunHandle]:
+    """Set the run's final status (done / failed with the error / cancelled on Ctrl-C) on exit."""
     status = "failed"
     try:
         yield handle
@@ -84,7 +107,7 @@ def recorded_run(ws: Workspace, kind: str, config: Mapping[str, Any], *, seed: i
         raise
     finally:
         ws.catalog.execute("UPDATE runs SET status = ?, ended_at = ?, message = ? WHERE id = ?",
-                           [status, utcnow(), handle.message or None, run_id])
+                           [status, utcnow(), handle.message or None, handle.id])
 
 
 class ProgressWriter:

@@ -98,7 +98,7 @@ def stage_reference_results(ctx: DemoContext) -> str:
 
 
 #: CLIP training steps (batch 64) of the demo model per world size.
-TRAIN_STEPS = {"tiny": 150, "small": 800, "full": 2500}
+TRAIN_STEPS = {"tiny": 150, "small": 400, "full": 1500}
 DEMO_MODEL = "demo-vit-tiny"
 BENCHMARKS = ("val", "sketch", "rendition", "v2", "hard")
 

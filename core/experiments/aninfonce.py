@@ -43,6 +43,7 @@ from torch import nn
 
 from core import atomic
 from core.errors import ConfigError
+from core.models import torch_threads
 from core.train.losses import AnInfoNCELoss, nt_xent
 from core.workspace import Workspace
 
@@ -288,7 +289,7 @@ def run_aninfonce_experiment(cfg: AnInfoNCEExperimentConfig | None = None, *,
     cfg = cfg or AnInfoNCEExperimentConfig()
     start = time.perf_counter()
     frames = []
-    with _threads(cfg.num_threads):
+    with torch_threads(cfg.num_threads):
         mixing = make_mixing(cfg.dim, cfg.mixing_layers, cfg.seed)
         for loss_name in LOSSES:
             with _progress_bar(progress, cfg.steps, loss_name) as tick:
@@ -386,17 +387,6 @@ def run_and_record(ws: Workspace, cfg: AnInfoNCEExperimentConfig | None = None, 
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int], None] | None]:
     if not enabled:

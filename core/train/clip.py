@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from core import atomic
 from core.errors import ConfigError, DataError, MissingFileError, PrunescopeError, UnknownName
+from core.models import torch_threads
 from core.train.losses import LOSSES, create_loss, loss_param_groups, total_loss
 from core.train.schedule import warmup_cosine_scheduler
 from core.workspace import Workspace, validate_name
@@ -528,31 +529,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 # -- run records ----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _resumed_run(ws: Workspace, run_id: str) -> Iterator[Any]:
-    """``recorded_run``'s bookkeeping for an existing run: running now, done/failed/cancelled after."""
-    from core.runs import RunHandle
-    from core.store.catalog import utcnow
+def _resumed_run(ws: Workspace, run_id: str) -> Any:
+    """``recorded_run``'s bookkeeping for an existing training run (UnknownName when there is none)."""
+    from core.runs import resumed_run
 
-    found = ws.catalog.query("SELECT kind, run_dir FROM runs WHERE id = ?", [run_id])
-    if found.empty or found.iloc[0]["kind"] != RUN_KIND:
-        raise UnknownName(f"training run '{run_id}' not found in the catalog")
-    handle = RunHandle(run_id, ws.abs(found.iloc[0]["run_dir"]))
-    ws.catalog.execute("UPDATE runs SET status = 'running', ended_at = NULL, message = NULL, pid = ? WHERE id = ?",
-                       [os.getpid(), run_id])
-    status = "failed"
-    try:
-        yield handle
-        status = "done"
-    except KeyboardInterrupt:
-        status = "cancelled"
-        raise
-    except BaseException as exc:
-        handle.message = f"{type(exc).__name__}: {exc}"[:500]
-        raise
-    finally:
-        ws.catalog.execute("UPDATE runs SET status = ?, ended_at = ?, message = ? WHERE id = ?",
-                           [status, utcnow(), handle.message or None, run_id])
+    return resumed_run(ws, run_id, RUN_KIND)
 
 
 @contextlib.contextmanager
@@ -579,17 +560,6 @@ def _run_scope(ws: Workspace, cfg: TrainClipConfig, info: DistInfo) -> Iterator[
     finally:
         if not announced:
             _broadcast((None, None), info)
-
-
-@contextlib.contextmanager
-def _cpu_threads(n: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -768,7 +738,7 @@ def train_clip(ws: Workspace, cfg: TrainClipConfig, *, progress: bool = False,
     """
     info = init_distributed(cfg.device)
     try:
-        with _cpu_threads(cfg.cpu_threads), _run_scope(ws, cfg, info) as run, _file_log(run.dir, info.is_main):
+        with torch_threads(cfg.cpu_threads), _run_scope(ws, cfg, info) as run, _file_log(run.dir, info.is_main):
             result = _train_in_run(ws, cfg, run, info, progress, stop_after_steps)
             if not result.finished:
                 run.message = f"stopped at step {result.steps} of {result.total_steps}; resume with run_id={run.id}"
