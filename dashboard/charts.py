@@ -96,7 +96,9 @@ def samples_per_dataset(datasets: pd.DataFrame) -> go.Figure:
     title = "Samples per dataset"
     if largest > 30 * max(float(totals[totals > 0].min()), 1.0):
         # A 20k-sample pool beside 300-sample benchmarks flattens the benchmarks to nothing on a linear axis.
-        fig.update_yaxes(type="log", tickformat=",d")
+        lo = float(totals[totals > 0].min())
+        ticks = [m * 10**e for e in range(0, 12) for m in (1, 3) if lo / 3 <= m * 10**e <= largest * 3]
+        fig.update_yaxes(type="log", tickformat=",d", tickvals=ticks)
         title += " (log scale)"
     else:
         fig.update_yaxes(**_count_ticks(largest))

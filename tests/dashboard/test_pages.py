@@ -117,3 +117,17 @@ def test_schema_too_new_shows_one_line_error(tmp_path, monkeypatch):
     assert len(at.error) == 1
     assert "schema version 999" in at.error[0].value and "upgrade prunescope" in at.error[0].value
     assert not at.metric  # the page did not run
+
+
+def test_overview_models_section_shows_zeroshot_accuracy(build_workspace, tmp_path, monkeypatch):
+    ws = build_workspace(tmp_path / "ws")
+    rows = [{"run_id": "r1", "model": "demo-clip", "dataset": "val_bench", "corruption": None, "severity": 0,
+             "adaptation": "none", "metric": m, "value": v} for m, v in (("zeroshot_top1", 0.62), ("zeroshot_top5", 0.97))]
+    ws.catalog.insert("metrics", rows)
+    at = run_app(ws.root, monkeypatch)
+    assert not at.exception
+    assert "Models" in [h.value for h in at.subheader]
+    models = next(df.value for df in at.dataframe if "zeroshot_top1" in df.value.columns)
+    row = models.set_index("dataset").loc["val_bench"]
+    assert row["model"] == "demo-clip" and row["zeroshot_top1"] == 0.62 and row["chance"] == 1 / 3
+    assert len(at.get("plotly_chart")) == 3
