@@ -71,8 +71,11 @@ def _print_table(df: Any) -> None:
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO level")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Stages may lower the `core` logger's level to fill their run's log.txt; the console keeps its own.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
 
 
 @app.command()
