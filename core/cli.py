@@ -189,6 +189,37 @@ def embed(
     typer.echo(f"embedding set {info.id}: {info.n} rows x {info.dim} ({info.dtype}), {info.n_skipped} skipped{rate}")
 
 
+@app.command()
+def cluster(
+    embedding_set: Annotated[str, typer.Argument(help="embedding set to cluster (see `prunescope embeddings list`)")],
+    k: Annotated[int, typer.Option("--k", help="number of clusters")] = 100,
+    seed: Annotated[int, typer.Option(help="k-means seed")] = 1234,
+    niter: Annotated[int, typer.Option(help="k-means iterations")] = 20,
+    fit_sample: Annotated[int | None, typer.Option(help="fit centroids on this many random rows")] = None,
+    neighbors: Annotated[int, typer.Option(help="nearest centroids averaged in d_inter")] = 20,
+    clustering_id: Annotated[str | None, typer.Option("--id", help="name of the clustering")] = None,
+    replace: Annotated[bool, typer.Option(help="recompute an existing clustering")] = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Spherical k-means (faiss) of an embedding set, with per-cluster size, d_intra, d_inter, complexity, label."""
+    from core.clustering import ClusterConfig, run_clustering
+
+    cfg = ClusterConfig(embedding_set=embedding_set, k=k, seed=seed, niter=niter, fit_sample=fit_sample,
+                        n_neighbors=neighbors, clustering_id=clustering_id)
+    info = run_clustering(_ws(workspace), cfg, replace=replace)
+    typer.echo(f"clustering {info.id}: {info.n} rows in {info.k} clusters, {info.n_skipped} skipped")
+    top = info.stats.sort_values("size", ascending=False).head(10)
+    _print_table(top[["cluster", "size", "d_intra", "d_inter", "complexity", "label"]])
+
+
+@app.command()
+def clusterings(workspace: WorkspaceOpt = None) -> None:
+    """List clusterings."""
+    from core.clustering import list_clusterings
+
+    _print_table(list_clusterings(_ws(workspace)).drop(columns=["created_at"]))
+
+
 @embeddings_app.command("list")
 def embeddings_list(workspace: WorkspaceOpt = None) -> None:
     """List embedding sets."""

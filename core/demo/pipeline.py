@@ -189,6 +189,20 @@ def stage_zeroshot(ctx: DemoContext) -> str:
     return f"zero-shot top-1 of demo-clip: {summary}"
 
 
+#: Concept clusters of the demo pool per world size (the world has 12 / 24 / 40 concepts).
+CLUSTERS = {"tiny": 24, "small": 48, "full": 100}
+
+
+def stage_cluster(ctx: DemoContext) -> str:
+    """Concept clusters of the pool's demo-CLIP image embeddings (reused when complete)."""
+    from core.clustering import ClusterConfig, run_clustering
+
+    info = run_clustering(ctx.ws, ClusterConfig(embedding_set="pool.demo-clip.both", k=CLUSTERS[ctx.size],
+                                                seed=ctx.seed, clustering_id="pool.demo-clip"))
+    named = int(info.stats["label"].notna().sum())
+    return f"clustering {info.id}: {info.n} rows in {info.k} clusters ({named} named from captions)"
+
+
 STAGES: list[tuple[str, Stage]] = [
     ("generate", stage_generate),
     ("register", stage_register),
@@ -196,6 +210,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("train_clip", stage_train_clip),
     ("embed", stage_embed),
     ("zeroshot", stage_zeroshot),
+    ("cluster", stage_cluster),
 ]
 
 

@@ -165,3 +165,13 @@ def test_train_embed_and_experiment_commands(demo_ws, cli):
     assert "aninfonce_mean_r2" in proc.stdout
     bad = cli("train", "clip", "pool", "--loss", "infonse", workspace=ws)
     assert bad.returncode == 2 and "did you mean 'infonce'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_demo_clusters_the_pool(demo_ws, cli):
+    ws, out, _ = demo_ws
+    stats = Workspace(ws, create=False).catalog.query(
+        "SELECT c.* FROM clusters c JOIN clusterings g ON g.id = c.clustering_id WHERE g.id = 'pool.demo-clip'")
+    assert len(stats) == 24 and stats["size"].sum() > 1900
+    assert stats["label"].notna().mean() > 0.9 and (stats["complexity"] > 0).all()
+    assert "[cluster]" in out
+    assert "pool.demo-clip" in cli("clusterings", workspace=ws).stdout

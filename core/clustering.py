@@ -1,0 +1,199 @@
+"""The clustering stage: an embedding set in, concept clusters in the workspace and catalog out.
+
+Builds on the array functions of :mod:`core.cluster`. Centroids are fitted on a seeded sample
+(``fit_sample`` rows, drawn across shards), then every row is assigned shard by shard, so memory stays
+bounded by one shard plus two (n,) arrays. Outputs, each written atomically:
+
+    clusters/<id>/centroids.npy        (k, D) float32 unit rows
+    clusters/<id>/assignments.parquet  id, row (dataset index position), cluster, dist_to_centroid (1 - cos)
+    clusters/<id>/meta.json            resolved config, counts, skipped rows by reason
+
+and rows in the catalog tables ``clusterings`` and ``clusters`` (size, d_intra, d_inter, complexity,
+label from the captions by class-based TF-IDF when the dataset has captions). A complete clustering
+with the same config is reused; rows whose embedding is NaN, infinite or zero are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core import atomic
+from core.cluster import assign, cluster_stats, fit_centroids, validate_embeddings
+from core.errors import ConfigError, DataError
+from core.store.catalog import utcnow
+from core.workspace import Workspace, validate_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A clustering of one embedding set.
+
+    Attributes:
+        embedding_set: a registered embedding set (its image rows; ``modality`` picks another).
+        k: clusters (SemDeDup used 50,000 on LAION-440M; DBP 500 and 100).
+        seed: k-means seed (SemDeDup's 1234 by default). niter: k-means iterations.
+        fit_sample: fit the centroids on this many rows drawn at random (None: all rows).
+        n_neighbors: nearest other centroids averaged in d_inter (DBP: 20).
+        clustering_id: default ``<embedding_set>.k<k>.s<seed>``.
+        gpu: faiss GPU index (None: when faiss sees a GPU).
+    """
+
+    embedding_set: str
+    k: int = 100
+    seed: int = 1234
+    niter: int = 20
+    fit_sample: int | None = None
+    n_neighbors: int = 20
+    modality: str | None = None
+    clustering_id: str | None = None
+    gpu: bool | None = None
+
+    def __post_init__(self) -> None:
+        validate_name(self.embedding_set, "embedding set id")
+        for name, low in (("k", 2), ("niter", 1), ("n_neighbors", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+        if self.fit_sample is not None and (not isinstance(self.fit_sample, int) or self.fit_sample < self.k):
+            raise ConfigError(f"fit_sample must be an integer >= k ({self.k}); got {self.fit_sample!r}")
+        cid = self.clustering_id or f"{self.embedding_set}.k{self.k}.s{self.seed}"
+        if len(cid) > 64:
+            cid = f"{self.embedding_set[:40]}.k{self.k}.s{self.seed}"
+        object.__setattr__(self, "clustering_id", validate_name(cid, "clustering id"))
+
+    @property
+    def id(self) -> str:
+        assert self.clustering_id is not None
+        return self.clustering_id
+
+
+@dataclass(frozen=True)
+class ClusteringInfo:
+    id: str
+    embedding_set: str
+    k: int
+    n: int
+    n_skipped: int
+    path: Path
+    stats: pd.DataFrame
+
+
+def run_clustering(ws: Workspace, cfg: ClusterConfig, *, replace: bool = False) -> ClusteringInfo:
+    """Fit, assign, measure and label; returns the registered clustering (reused when complete)."""
+    from core.embed import embedding_set_row, iter_embedding_shards
+
+    set_row = embedding_set_row(ws, cfg.embedding_set)
+    folder = ws.dir("clusters", cfg.id)
+    meta_path = folder / "meta.json"
+    config = {k: v for k, v in asdict(cfg).items() if k != "gpu"}
+    if meta_path.exists() and not replace:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("config") == config and meta.get("complete"):
+            return _info(ws, cfg, folder, meta)
+    shards = lambda: iter_embedding_shards(ws, cfg.embedding_set, cfg.modality)  # noqa: E731
+    n_total = int(set_row["n"])
+    if cfg.k > n_total:
+        raise ConfigError(f"k = {cfg.k} is more than the {n_total} rows of embedding set '{cfg.embedding_set}'")
+    sample = _fit_sample(shards(), n_total, cfg)
+    centroids = fit_centroids(sample, cfg.k, seed=cfg.seed, niter=cfg.niter, gpu=cfg.gpu)
+    table, skipped = _assign_all(shards(), centroids)
+    if table.num_rows == 0:
+        raise DataError(f"embedding set '{cfg.embedding_set}' has no valid rows to cluster")
+    labels = table.column("cluster").to_numpy()
+    stats = cluster_stats(labels, table.column("dist_to_centroid").to_numpy(), centroids,
+                          n_neighbors=cfg.n_neighbors)
+    stats["label"] = _labels(ws, set_row["dataset"], table, cfg.k)
+    atomic.save_npy(folder / "centroids.npy", centroids)
+    atomic.write_parquet(folder / "assignments.parquet", table)
+    meta = {"config": config, "n": table.num_rows, "skipped": skipped, "complete": True}
+    _register(ws, cfg, folder, stats)
+    atomic.write_json(meta_path, meta)
+    log.info("clustering %s: %d rows into %d clusters (%d skipped)", cfg.id, table.num_rows, cfg.k, sum(skipped.values()))
+    return ClusteringInfo(cfg.id, cfg.embedding_set, cfg.k, table.num_rows, sum(skipped.values()), folder, stats)
+
+
+def _fit_sample(shards: Any, n_total: int, cfg: ClusterConfig) -> np.ndarray:
+    """The rows k-means is fitted on: all valid rows, or a seeded random sample of ``fit_sample``."""
+    if cfg.fit_sample is None or cfg.fit_sample >= n_total:
+        picks = None
+    else:
+        picks = np.sort(np.random.default_rng(cfg.seed).choice(n_total, cfg.fit_sample, replace=False))
+    parts, offset = [], 0
+    for _ids, _rows, X in shards:
+        n = len(X)
+        take = slice(None) if picks is None else picks[(picks >= offset) & (picks < offset + n)] - offset
+        Xn, valid = validate_embeddings(np.asarray(X[take]))
+        parts.append(Xn[valid])
+        offset += n
+    return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+
+def _assign_all(shards: Any, centroids: np.ndarray) -> tuple[pa.Table, dict[str, int]]:
+    """Assign every valid row, shard by shard; invalid rows are counted as ``bad_embedding``."""
+    ids_out, rows_out, lab_out, dist_out, bad = [], [], [], [], 0
+    for ids, rows, X in shards:
+        Xn, valid = validate_embeddings(np.asarray(X), expected_dim=centroids.shape[1])
+        lab, dist = assign(Xn[valid], centroids)
+        ids_out.append(ids[valid])
+        rows_out.append(rows[valid])
+        lab_out.append(lab)
+        dist_out.append(dist)
+        bad += int((~valid).sum())
+    table = pa.table({
+        "id": pa.array(np.concatenate(ids_out).tolist() if ids_out else [], pa.string()),
+        "row": pa.array(np.concatenate(rows_out) if rows_out else [], pa.int64()),
+        "cluster": pa.array(np.concatenate(lab_out) if lab_out else [], pa.int32()),
+        "dist_to_centroid": pa.array(np.concatenate(dist_out) if dist_out else [], pa.float32()),
+    })
+    return table, ({"bad_embedding": bad} if bad else {})
+
+
+def _labels(ws: Workspace, dataset: str, table: pa.Table, k: int) -> list[str | None]:
+    """Cluster names from the members' captions (None for every cluster when there are none)."""
+    from core.datasets import open_dataset
+
+    index = open_dataset(ws, dataset).index
+    if "caption" not in index or index["caption"].isna().all():
+        return [None] * k
+    from core.label import cluster_labels
+
+    captions = index["caption"].to_numpy()[table.column("row").to_numpy()]
+    names = cluster_labels(list(captions), table.column("cluster").to_numpy(), k)
+    return [n or None for n in names]
+
+
+def _register(ws: Workspace, cfg: ClusterConfig, folder: Path, stats: pd.DataFrame) -> None:
+    rows = stats.astype(object).where(stats.notna(), None).to_dict("records")
+    with ws.catalog.connect() as con:
+        con.execute("DELETE FROM clusterings WHERE id = ?", [cfg.id])
+        con.execute("DELETE FROM clusters WHERE clustering_id = ?", [cfg.id])
+        con.execute("INSERT INTO clusterings VALUES (?, ?, ?, ?, ?, ?)",
+                    [cfg.id, cfg.embedding_set, cfg.k, cfg.seed, ws.rel(folder), utcnow()])
+        con.executemany("INSERT INTO clusters VALUES (?, ?, ?, ?, ?, ?, ?)", [
+            [cfg.id, int(r["cluster"]), int(r["size"]), r["d_intra"], r["d_inter"], r["complexity"], r["label"]]
+            for r in rows])
+
+
+def _info(ws: Workspace, cfg: ClusterConfig, folder: Path, meta: dict[str, Any]) -> ClusteringInfo:
+    stats = ws.catalog.query("SELECT * FROM clusters WHERE clustering_id = ? ORDER BY cluster", [cfg.id])
+    return ClusteringInfo(cfg.id, cfg.embedding_set, cfg.k, int(meta["n"]), sum(meta["skipped"].values()), folder, stats)
+
+
+def list_clusterings(ws: Workspace) -> pd.DataFrame:
+    return ws.catalog.query("SELECT id, embedding_set, k, seed, path, created_at FROM clusterings ORDER BY created_at DESC")
+
+
+def load_assignments(ws: Workspace, clustering_id: str) -> pd.DataFrame:
+    """``id, row, cluster, dist_to_centroid`` of one clustering."""
+    return pq.read_table(ws.dir("clusters", validate_name(clustering_id, "clustering id"), "assignments.parquet")).to_pandas()

@@ -1,0 +1,101 @@
+"""The clustering stage end to end: a LAION-style release -> embedding set -> clusters in the catalog."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.cluster import assign
+from core.clustering import ClusterConfig, list_clusterings, load_assignments, run_clustering
+from core.datasets import register_dataset
+from core.embed import import_laion_embeddings, load_embeddings
+from core.errors import ConfigError
+from core.workspace import Workspace
+
+CONCEPTS = ("red triangle", "blue star", "green circle", "yellow square")
+
+
+def _release(root: Path, per_concept: int = 30, dim: int = 16, seed: int = 0) -> None:
+    """Four well-separated concepts with captions naming them, in two LAION partitions."""
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.normal(size=(dim, dim)))[0][: len(CONCEPTS)]
+    X, captions = [], []
+    for c, name in enumerate(CONCEPTS):
+        pts = centres[c] + 0.15 * rng.normal(size=(per_concept, dim))
+        X.append(pts / np.linalg.norm(pts, axis=1, keepdims=True))
+        captions += [f"a photo of a {name} stock image {i}" for i in range(per_concept)]
+    X = np.concatenate(X).astype(np.float16)
+    X[5] = 0  # one broken row: skipped at registration
+    order = rng.permutation(len(X))
+    for p, part in enumerate(np.array_split(order, 2)):
+        (root / "img_emb").mkdir(parents=True, exist_ok=True)
+        np.save(root / "img_emb" / f"img_emb_{p}.npy", X[part])
+        (root / "metadata").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"key": [f"s{i:04d}" for i in part], "caption": [captions[i] for i in part]}),
+                       root / "metadata" / f"metadata_{p}.parquet")
+
+
+@pytest.fixture()
+def ws_with_set(tmp_path):
+    _release(tmp_path / "laion")
+    ws = Workspace(tmp_path / "ws")
+    register_dataset(ws, "pool", "laion", tmp_path / "laion")
+    info = import_laion_embeddings(ws, "pool", model="synthetic")
+    return ws, info.id
+
+
+def test_clusters_recover_concepts_and_are_named_from_captions(ws_with_set):
+    ws, set_id = ws_with_set
+    info = run_clustering(ws, ClusterConfig(embedding_set=set_id, k=4, seed=0, n_neighbors=3))
+    assert info.n == 119 and info.k == 4
+    stats = ws.catalog.query("SELECT * FROM clusters WHERE clustering_id = ? ORDER BY cluster", [info.id])
+    assert stats["size"].sum() == 119 and (stats["complexity"] > 0).all()
+    assert np.allclose(stats["complexity"], stats["d_intra"] * stats["d_inter"])
+    labels = set(stats["label"])
+    for name in CONCEPTS:  # each concept's cluster is named after it (colour and shape words)
+        assert any(set(name.split()) <= set(label.split()) for label in labels), (name, labels)
+    assert all("stock" not in label and "photo" not in label for label in labels)
+    assert list_clusterings(ws)["id"].tolist() == [info.id]
+
+
+def test_assignments_equal_brute_force_nearest_centroid(ws_with_set):
+    ws, set_id = ws_with_set
+    info = run_clustering(ws, ClusterConfig(embedding_set=set_id, k=4, seed=0, n_neighbors=3))
+    assignments = load_assignments(ws, info.id)
+    centroids = np.load(info.path / "centroids.npy")
+    ids, X = load_embeddings(ws, set_id)
+    X = np.asarray(X, np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    sims = X @ centroids.T
+    by_id = assignments.set_index("id")
+    assert (by_id.loc[list(ids), "cluster"].to_numpy() == sims.argmax(1)).all()
+    assert np.allclose(by_id.loc[list(ids), "dist_to_centroid"].to_numpy(), 1 - sims.max(1), atol=1e-5)
+    lab, _ = assign(X, centroids)
+    assert (lab == sims.argmax(1)).all()
+
+
+def test_complete_clustering_is_reused_and_fit_sample_is_seeded(ws_with_set):
+    ws, set_id = ws_with_set
+    cfg = ClusterConfig(embedding_set=set_id, k=4, seed=3, fit_sample=60, n_neighbors=3)
+    first = run_clustering(ws, cfg)
+    mtime = (first.path / "assignments.parquet").stat().st_mtime_ns
+    again = run_clustering(ws, cfg)
+    assert (again.path / "assignments.parquet").stat().st_mtime_ns == mtime
+    redo = run_clustering(ws, cfg, replace=True)
+    assert np.array_equal(np.load(redo.path / "centroids.npy"), np.load(first.path / "centroids.npy"))
+
+
+@pytest.mark.parametrize(("kw", "fragment"), [
+    ({"k": 1}, "k must be"), ({"k": 4, "fit_sample": 2}, "fit_sample"), ({"k": 4, "niter": 0}, "niter"),
+])
+def test_bad_config(kw, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        ClusterConfig(embedding_set="x", **kw)
+
+
+def test_k_larger_than_rows_is_a_clear_error(ws_with_set):
+    ws, set_id = ws_with_set
+    with pytest.raises(ConfigError, match="more than the 119 rows"):
+        run_clustering(ws, ClusterConfig(embedding_set=set_id, k=500))
