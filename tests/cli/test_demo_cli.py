@@ -175,3 +175,18 @@ def test_demo_clusters_the_pool(demo_ws, cli):
     assert stats["label"].notna().mean() > 0.9 and (stats["complexity"] > 0).all()
     assert "[cluster]" in out
     assert "pool.demo-clip" in cli("clusterings", workspace=ws).stdout
+
+
+def test_most_demo_cluster_labels_name_their_planted_concept(demo_ws):
+    ws, _, _ = demo_ws
+    from core.clustering import load_assignments
+
+    w = Workspace(ws, create=False)
+    assignments = load_assignments(w, "pool.demo-clip")
+    truth = pd.read_parquet(Path(ws) / "sources/demo/pool_truth.parquet").set_index("key")
+    assignments["concept"] = truth.loc[assignments["id"], "concept_name"].to_numpy()
+    labels = w.catalog.query("SELECT cluster, label FROM clusters WHERE clustering_id = 'pool.demo-clip'")
+    labels = labels.set_index("cluster")["label"].fillna("")
+    majority = assignments.dropna(subset=["concept"]).groupby("cluster")["concept"].agg(lambda s: s.mode()[0])
+    named = [set(concept.split()) <= set(labels[c].split()) for c, concept in majority.items()]
+    assert sum(named) > len(named) / 2, list(zip(majority, labels[majority.index], strict=True))
