@@ -42,7 +42,6 @@ from core.errors import (
     DataError,
     MissingFileError,
     PathOutsideWorkspace,
-    UnknownName,
 )
 from core.sources import SOURCES, IssueReport, SampleError, Source
 from core.sources.base import INDEX_TYPES
@@ -284,11 +283,7 @@ def list_datasets(ws: Workspace) -> pd.DataFrame:
 
 def dataset_row(ws: Workspace, name: str) -> dict[str, Any]:
     """The catalog row of one dataset; UnknownName lists the registered ones."""
-    df = ws.catalog.query("SELECT * FROM datasets WHERE name = ?", [name])
-    if df.empty:
-        names = ws.catalog.query("SELECT name FROM datasets ORDER BY name")["name"].tolist()
-        raise UnknownName(f"dataset '{name}' not found; registered: {', '.join(names) or 'none'}")
-    return df.iloc[0].to_dict()
+    return ws.catalog.row("datasets", "name", name, what="dataset")
 
 
 def dataset_issues(ws: Workspace, name: str) -> pd.DataFrame:

@@ -49,7 +49,6 @@ from core.errors import (
     DataError,
     MissingFileError,
     PathOutsideWorkspace,
-    UnknownName,
 )
 from core.runs import ProgressWriter, RunHandle, recorded_run
 from core.sources.base import SampleError, is_url
@@ -767,11 +766,7 @@ def list_embedding_sets(ws: Workspace) -> pd.DataFrame:
 
 def embedding_set_row(ws: Workspace, set_id: str) -> dict[str, Any]:
     """The catalog row of one set; UnknownName lists the registered ones."""
-    df = ws.catalog.query("SELECT * FROM embedding_sets WHERE id = ?", [set_id])
-    if df.empty:
-        names = ws.catalog.query("SELECT id FROM embedding_sets ORDER BY id")["id"].tolist()
-        raise UnknownName(f"embedding set '{set_id}' not found; registered: {', '.join(names) or 'none'}")
-    return df.iloc[0].to_dict()
+    return ws.catalog.row("embedding_sets", "id", set_id, what="embedding set")
 
 
 def _modality_dir(ws: Workspace, set_id: str, modality: str | None) -> Path:

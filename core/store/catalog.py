@@ -177,6 +177,21 @@ class Catalog:
         with self.connect(read_only=True) as con:
             return con.execute(sql, params or []).df()
 
+    def row(self, table: str, key: str, value: Any, *, what: str) -> dict[str, Any]:
+        """The row of ``table`` whose ``key`` equals ``value``; UnknownName listing the existing keys.
+
+        ``what`` names the thing in the message, e.g. ``dataset`` -> "dataset 'x' not found; registered: a, b".
+        """
+        from core.errors import UnknownName
+
+        _check_identifier(table)
+        _check_identifier(key)
+        df = self.query(f"SELECT * FROM {table} WHERE {key} = ?", [value])
+        if df.empty:
+            names = self.query(f"SELECT {key} FROM {table} ORDER BY {key}")[key].tolist()
+            raise UnknownName(f"{what} '{value}' not found; registered: {', '.join(map(str, names)) or 'none'}")
+        return df.iloc[0].to_dict()
+
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
         """Run one write statement in its own transaction."""
         with self.connect() as con:
