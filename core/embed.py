@@ -78,8 +78,25 @@ def _default_model() -> str:
 
 
 # -- configuration ---------------------------------------------------------------------------------
+class _SetTarget:
+    """What both ways of making an embedding set share: its modalities and its resolved id."""
+
+    modality: str
+    set_id: str | None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("image", "text") if self.modality == "both" else (self.modality,)
+
+    @property
+    def resolved_set_id(self) -> str:
+        """``set_id`` after defaulting (never None once constructed)."""
+        assert self.set_id is not None
+        return self.set_id
+
+
 @dataclass(frozen=True)
-class EmbedConfig:
+class EmbedConfig(_SetTarget):
     """What to embed and how (resolved and stored with the set).
 
     Attributes:
@@ -132,16 +149,6 @@ class EmbedConfig:
             object.__setattr__(self, "checkpoint", str(Path(self.checkpoint).expanduser().resolve()))
         set_id = self.set_id or default_set_id(self.dataset, self.model, self.weights_label(), self.modality)
         object.__setattr__(self, "set_id", validate_name(set_id, "embedding set id"))
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return ("image", "text") if self.modality == "both" else (self.modality,)
-
-    @property
-    def resolved_set_id(self) -> str:
-        """``set_id`` after defaulting (never None once constructed)."""
-        assert self.set_id is not None
-        return self.set_id
 
     def weights_label(self) -> str | None:
         """Short name of the weights: the tag, or ``<checkpoint stem>-<6 hex of its path>``."""
@@ -884,7 +891,7 @@ def _release_dims(ds: Dataset, cfg: _ImportConfig) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class _ImportConfig:
+class _ImportConfig(_SetTarget):
     dataset: str
     model: str
     pretrained: str | None
@@ -902,15 +909,6 @@ class _ImportConfig:
         _at_least("shard_rows", self.shard_rows, 1)
         set_id = self.set_id or default_set_id(self.dataset, self.model, self.pretrained, self.modality)
         object.__setattr__(self, "set_id", validate_name(set_id, "embedding set id"))
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return ("image", "text") if self.modality == "both" else (self.modality,)
-
-    @property
-    def resolved_set_id(self) -> str:
-        assert self.set_id is not None
-        return self.set_id
 
 
 def _import_modality(ds: Dataset, cfg: _ImportConfig, modality: str, folder: Path,
