@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,60 @@ def _register(ws: Workspace, cfg: ClusterConfig, folder: Path, stats: pd.DataFra
 def _info(ws: Workspace, cfg: ClusterConfig, folder: Path, meta: dict[str, Any]) -> ClusteringInfo:
     stats = ws.catalog.query("SELECT * FROM clusters WHERE clustering_id = ? ORDER BY cluster", [cfg.id])
     return ClusteringInfo(cfg.id, cfg.embedding_set, cfg.k, int(meta["n"]), sum(meta["skipped"].values()), folder, stats)
+
+
+def clustering_meta(ws: Workspace, clustering_id: str) -> dict[str, Any]:
+    """The clustering's ``meta.json`` (resolved config, n, skipped); UnknownName when it is not registered."""
+    row = ws.catalog.row("clusterings", "id", clustering_id, what="clustering")
+    meta_path = ws.abs(row["path"]) / "meta.json"
+    if not meta_path.exists():
+        raise DataError(f"clustering '{clustering_id}' has no meta.json in {meta_path.parent}",
+                        hint=f"run it again: prunescope cluster {row['embedding_set']} --replace")
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    return meta
+
+
+def load_centroids(ws: Workspace, clustering_id: str) -> np.ndarray:
+    """(k, D) float32 unit-norm centroids of a clustering."""
+    return np.load(ws.dir("clusters", validate_name(clustering_id, "clustering id"), "centroids.npy"))
+
+
+def iter_assigned_embeddings(ws: Workspace, clustering_id: str) -> Iterator[tuple[int, np.ndarray]]:
+    """Stream the clustered rows' embeddings, aligned with ``assignments.parquet``.
+
+    Yields ``(start, X)`` per embedding shard: X is (n, D) float32, unit-norm, the shard's valid rows
+    (the ones clustering kept), and ``start`` is the position of ``X[0]`` in the assignments table.
+    Memory stays bounded by one shard.
+    """
+    from core.embed import iter_embedding_shards
+
+    config = clustering_meta(ws, clustering_id)["config"]
+    dim = load_centroids(ws, clustering_id).shape[1]
+    start = 0
+    for _ids, _rows, X in iter_embedding_shards(ws, config["embedding_set"], config.get("modality")):
+        Xn, valid = validate_embeddings(np.asarray(X), expected_dim=dim)
+        yield start, Xn[valid]
+        start += int(valid.sum())
+
+
+def gather_embeddings(ws: Workspace, clustering_id: str, positions: np.ndarray) -> np.ndarray:
+    """(len(positions), D) float32 embeddings of the given assignment-table positions, in that order."""
+    positions = np.asarray(positions, dtype=np.int64)
+    order = np.argsort(positions, kind="stable")
+    wanted = positions[order]
+    out: np.ndarray | None = None
+    total = 0
+    for start, X in iter_assigned_embeddings(ws, clustering_id):
+        total = start + len(X)
+        if out is None:
+            out = np.zeros((len(positions), X.shape[1]), np.float32)
+        lo, hi = np.searchsorted(wanted, [start, start + len(X)])
+        out[order[lo:hi]] = X[wanted[lo:hi] - start]
+    if out is None:
+        raise DataError(f"clustering '{clustering_id}' has no embeddings to read")
+    if len(wanted) and (wanted[0] < 0 or wanted[-1] >= total):
+        raise DataError(f"positions must lie in [0, {total}) for clustering '{clustering_id}'")
+    return out
 
 
 def list_clusterings(ws: Workspace) -> pd.DataFrame:
