@@ -198,6 +198,9 @@ def cluster(
     fit_sample: Annotated[int | None, typer.Option(help="fit centroids on this many random rows")] = None,
     neighbors: Annotated[int, typer.Option(help="nearest centroids averaged in d_inter")] = 20,
     clustering_id: Annotated[str | None, typer.Option("--id", help="name of the clustering")] = None,
+    vocabulary: Annotated[Path | None, typer.Option(help="names (.txt lines or .json list) to name clusters "
+                                                          "with through the set's CLIP text tower")] = None,
+    templates: Annotated[Path | None, typer.Option(help="prompt templates for --vocabulary ('a photo of a {}.')")] = None,
     replace: Annotated[bool, typer.Option(help="recompute an existing clustering")] = False,
     workspace: WorkspaceOpt = None,
 ) -> None:
@@ -205,11 +208,46 @@ def cluster(
     from core.clustering import ClusterConfig, run_clustering
 
     cfg = ClusterConfig(embedding_set=embedding_set, k=k, seed=seed, niter=niter, fit_sample=fit_sample,
-                        n_neighbors=neighbors, clustering_id=clustering_id)
+                        n_neighbors=neighbors, clustering_id=clustering_id,
+                        vocabulary=str(vocabulary) if vocabulary else None, templates=str(templates) if templates else None)
     info = run_clustering(_ws(workspace), cfg, replace=replace)
     typer.echo(f"clustering {info.id}: {info.n} rows in {info.k} clusters, {info.n_skipped} skipped")
     top = info.stats.sort_values("size", ascending=False).head(10)
-    _print_table(top[["cluster", "size", "d_intra", "d_inter", "complexity", "label"]])
+    cols = ["cluster", "size", "d_intra", "d_inter", "complexity", "label"]
+    _print_table(top[cols + (["vocab_label"] if vocabulary else [])])
+
+
+@app.command()
+def maps(
+    clustering: Annotated[str, typer.Argument(help="a clustering (see `prunescope clusterings`)")],
+    cluster: Annotated[list[int] | None, typer.Option("--cluster", help="member maps of these clusters only "
+                                                                          "(repeatable; default: all)")] = None,
+    centroids_only: Annotated[bool, typer.Option(help="only the map of the centroids")] = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """UMAP 2-D maps of a clustering (centroids, and each cluster's members), cached for the dashboard."""
+    from core.project import compute_maps
+
+    todo = [] if centroids_only else (list(cluster) if cluster else None)
+    counts = compute_maps(_ws(workspace), clustering, clusters=todo, progress=True)
+    typer.echo(f"maps of {clustering}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@app.command()
+def search(
+    clustering: Annotated[str, typer.Argument(help="a clustering (see `prunescope clusterings`)")],
+    text: Annotated[str, typer.Argument(help="what to look for, e.g. 'a red triangle'")],
+    top: Annotated[int, typer.Option(help="samples to list")] = 10,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Nearest clusters and samples to a phrase, through the embedding set's CLIP text tower."""
+    from core.search import search_clustering
+
+    near, samples = search_clustering(_ws(workspace), clustering, text, top_clusters=5, top_samples=top)
+    typer.echo("nearest clusters:")
+    _print_table(near)
+    typer.echo("nearest samples:")
+    _print_table(samples.drop(columns=["pos", "row"]))
 
 
 @app.command()

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from core import atomic
 from core.cluster import assign, cluster_stats, fit_centroids, validate_embeddings
-from core.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError, MissingFileError
 from core.store.catalog import utcnow
 from core.workspace import Workspace, validate_name
 
@@ -48,6 +48,9 @@ class ClusterConfig:
         n_neighbors: nearest other centroids averaged in d_inter (DBP: 20).
         clustering_id: default ``<embedding_set>.k<k>.s<seed>``.
         gpu: faiss GPU index (None: when faiss sees a GPU).
+        vocabulary: a file of names (.txt one per line, or a .json list) to name clusters with through
+            the set's CLIP text tower (``vocab_label``); the demo passes its class names.
+        templates: prompt templates for the vocabulary (same formats; default "a photo of a {}.").
     """
 
     embedding_set: str
@@ -59,9 +62,18 @@ class ClusterConfig:
     modality: str | None = None
     clustering_id: str | None = None
     gpu: bool | None = None
+    vocabulary: str | None = None
+    templates: str | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.embedding_set, "embedding set id")
+        for name in ("vocabulary", "templates"):
+            value = getattr(self, name)
+            if value is not None:
+                path = Path(value).expanduser().resolve()
+                if not path.is_file():
+                    raise MissingFileError(f"{name} file {path} does not exist")
+                object.__setattr__(self, name, str(path))
         for name, low in (("k", 2), ("niter", 1), ("n_neighbors", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -106,6 +118,7 @@ def run_clustering(ws: Workspace, cfg: ClusterConfig, *, replace: bool = False) 
     n_total = int(set_row["n"])
     if cfg.k > n_total:
         raise ConfigError(f"k = {cfg.k} is more than the {n_total} rows of embedding set '{cfg.embedding_set}'")
+    vocab = _vocabulary(ws, cfg)  # before any fitting: missing weights fail fast
     sample = _fit_sample(shards(), n_total, cfg)
     centroids = fit_centroids(sample, cfg.k, seed=cfg.seed, niter=cfg.niter, gpu=cfg.gpu)
     table, skipped = _assign_all(shards(), centroids)
@@ -115,6 +128,7 @@ def run_clustering(ws: Workspace, cfg: ClusterConfig, *, replace: bool = False) 
     stats = cluster_stats(labels, table.column("dist_to_centroid").to_numpy(), centroids,
                           n_neighbors=cfg.n_neighbors)
     stats["label"] = _labels(ws, set_row["dataset"], table, cfg.k)
+    stats["vocab_label"], stats["vocab_score"] = _vocab_labels(vocab, centroids, cfg.k)
     atomic.save_npy(folder / "centroids.npy", centroids)
     atomic.write_parquet(folder / "assignments.parquet", table)
     meta = {"config": config, "n": table.num_rows, "skipped": skipped, "complete": True}
@@ -174,6 +188,32 @@ def _labels(ws: Workspace, dataset: str, table: pa.Table, k: int) -> list[str | 
     return [n or None for n in names]
 
 
+def _vocabulary(ws: Workspace, cfg: ClusterConfig) -> tuple[list[str], np.ndarray] | None:
+    """The vocabulary's names and their (V, D) prompt-averaged text embeddings (None without one)."""
+    if cfg.vocabulary is None:
+        return None
+    from core.evaluate.zeroshot import read_names
+    from core.search import DEFAULT_TEMPLATES, load_text_encoder, vocabulary_embeddings
+
+    names = read_names(cfg.vocabulary)
+    templates = read_names(cfg.templates) if cfg.templates else list(DEFAULT_TEMPLATES)
+    if not names:
+        raise ConfigError(f"the vocabulary {cfg.vocabulary} lists no names")
+    encode = load_text_encoder(ws, cfg.embedding_set)
+    return names, vocabulary_embeddings(encode, [n.replace("_", " ") for n in names], templates)
+
+
+def _vocab_labels(vocab: tuple[list[str], np.ndarray] | None, centroids: np.ndarray,
+                  k: int) -> tuple[list[str | None], list[float | None]]:
+    if vocab is None:
+        return [None] * k, [None] * k
+    from core.label import vocabulary_labels
+
+    names, emb = vocab
+    labels, score = vocabulary_labels(centroids, emb, names)
+    return list(labels), [float(v) for v in score]
+
+
 def _register(ws: Workspace, cfg: ClusterConfig, folder: Path, stats: pd.DataFrame) -> None:
     rows = stats.astype(object).where(stats.notna(), None).to_dict("records")
     with ws.catalog.connect() as con:
@@ -181,9 +221,11 @@ def _register(ws: Workspace, cfg: ClusterConfig, folder: Path, stats: pd.DataFra
         con.execute("DELETE FROM clusters WHERE clustering_id = ?", [cfg.id])
         con.execute("INSERT INTO clusterings VALUES (?, ?, ?, ?, ?, ?)",
                     [cfg.id, cfg.embedding_set, cfg.k, cfg.seed, ws.rel(folder), utcnow()])
-        con.executemany("INSERT INTO clusters VALUES (?, ?, ?, ?, ?, ?, ?)", [
-            [cfg.id, int(r["cluster"]), int(r["size"]), r["d_intra"], r["d_inter"], r["complexity"], r["label"]]
-            for r in rows])
+        con.executemany(
+            "INSERT INTO clusters (clustering_id, cluster, size, d_intra, d_inter, complexity, label, vocab_label, "
+            "vocab_score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [[cfg.id, int(r["cluster"]), int(r["size"]), r["d_intra"], r["d_inter"], r["complexity"], r["label"],
+              r.get("vocab_label"), r.get("vocab_score")] for r in rows])
 
 
 def _info(ws: Workspace, cfg: ClusterConfig, folder: Path, meta: dict[str, Any]) -> ClusteringInfo:
@@ -243,6 +285,58 @@ def gather_embeddings(ws: Workspace, clustering_id: str, positions: np.ndarray) 
     if len(wanted) and (wanted[0] < 0 or wanted[-1] >= total):
         raise DataError(f"positions must lie in [0, {total}) for clustering '{clustering_id}'")
     return out
+
+
+#: Which end of a cluster :func:`cluster_members` returns: nearest the centroid first, or farthest first.
+MEMBER_ENDS = ("prototypical", "atypical")
+
+
+def cluster_members(ws: Workspace, clustering_id: str, cluster: int, *, n: int | None = 12,
+                    end: str = "prototypical") -> pd.DataFrame:
+    """Members of one cluster from one end: ``pos, id, row, cluster, dist_to_centroid``.
+
+    ``prototypical`` sorts by distance to the centroid ascending (the concept's typical images),
+    ``atypical`` descending (outliers, junk, mis-assigned rows); ``n=None`` returns every member.
+    Reads only the ``cluster`` and ``dist_to_centroid`` columns in full, then the ids of the picks.
+    """
+    if end not in MEMBER_ENDS:
+        raise ConfigError(f"end must be one of {', '.join(MEMBER_ENDS)}; got {end!r}")
+    path = ws.dir("clusters", validate_name(clustering_id, "clustering id"), "assignments.parquet")
+    cols = pq.read_table(path, columns=["cluster", "dist_to_centroid"])
+    labels = cols.column("cluster").to_numpy()
+    pos = np.flatnonzero(labels == int(cluster))
+    dist = cols.column("dist_to_centroid").to_numpy()[pos]
+    order = np.lexsort((pos, dist if end == "prototypical" else -dist))
+    pos = pos[order[:n] if n is not None else order]
+    picked = pq.read_table(path, columns=["id", "row"]).take(pa.array(pos))
+    return pd.DataFrame({"pos": pos.astype(np.int64), "id": picked.column("id").to_pylist(),
+                         "row": picked.column("row").to_numpy(), "cluster": int(cluster),
+                         "dist_to_centroid": dist[order[: len(pos)]].astype(np.float64)})
+
+
+def cluster_composition(ws: Workspace, clustering_id: str, values: pd.Series, *, top: int = 5) -> pd.DataFrame:
+    """How a per-sample attribute (e.g. the demo's ground-truth concept) splits each cluster.
+
+    Args:
+        values: the attribute per dataset index row (indexed by index position, i.e. assignments' ``row``).
+        top: values kept per cluster (the rest are summed as ``(other)``).
+
+    Returns:
+        ``cluster, value, count, share`` sorted by cluster then count descending; missing values show as
+        ``(none)``. The first row per cluster is its majority value and ``share`` its purity.
+    """
+    path = ws.dir("clusters", validate_name(clustering_id, "clustering id"), "assignments.parquet")
+    table = pq.read_table(path, columns=["row", "cluster"])
+    rows = table.column("row").to_numpy()
+    attr = values.reindex(rows).astype(object).where(lambda s: s.notna(), "(none)").astype(str).to_numpy()
+    df = pd.DataFrame({"cluster": table.column("cluster").to_numpy(), "value": attr})
+    counts = df.groupby(["cluster", "value"]).size().rename("count").reset_index()
+    counts = counts.sort_values(["cluster", "count", "value"], ascending=[True, False, True], kind="stable")
+    counts["rank"] = counts.groupby("cluster").cumcount()
+    counts.loc[counts["rank"] >= top, "value"] = "(other)"
+    counts = counts.groupby(["cluster", "value"], sort=False)["count"].sum().reset_index()
+    counts["share"] = counts["count"] / counts.groupby("cluster")["count"].transform("sum")
+    return counts.reset_index(drop=True)
 
 
 def list_clusterings(ws: Workspace) -> pd.DataFrame:

@@ -159,3 +159,37 @@ def _top_terms(scores: sp.csr_matrix, vocab: list[str], top_n: int) -> list[str]
     for r, c in zip(row[keep].tolist(), scores.indices[keep].tolist(), strict=True):
         names[r].append(vocab[c])
     return [" ".join(terms) for terms in names]
+
+
+def vocabulary_labels(
+    centroids: np.ndarray, name_embeddings: np.ndarray, names: Sequence[str], *, top_n: int = 3
+) -> tuple[list[str], np.ndarray]:
+    """Each cluster's best-matching names from a user vocabulary, through a CLIP text tower.
+
+    A centroid of image embeddings lies in CLIP's joint space, so the names whose prompt embeddings
+    have the highest cosine to it describe the cluster (zero-shot classification of the centroid;
+    Radford et al. 2021).
+
+    Args:
+        centroids: (k, D) unit-norm centroids.
+        name_embeddings: (V, D) unit-norm text embeddings of the names (e.g. averaged over prompts).
+        names: (V,) the names.
+        top_n: names per cluster, best first.
+
+    Returns:
+        ``(labels, score)``: (k,) names joined by ``", "``, and (k,) cosine of the best name.
+
+    Raises:
+        ConfigError: empty vocabulary, top_n < 1. DataError: widths or counts do not match.
+    """
+    if len(names) == 0:
+        raise ConfigError("the vocabulary is empty; give at least one name")
+    if top_n < 1:
+        raise ConfigError(f"top_n must be >= 1, got {top_n}")
+    if name_embeddings.shape[0] != len(names) or name_embeddings.shape[1] != centroids.shape[1]:
+        raise DataError(f"{len(names)} names with embeddings {tuple(name_embeddings.shape)} do not fit "
+                        f"centroids of width {centroids.shape[1]}")
+    sims = np.asarray(centroids, np.float32) @ np.asarray(name_embeddings, np.float32).T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :top_n]
+    labels = [", ".join(names[j] for j in row) for row in top.tolist()]
+    return labels, sims[np.arange(len(sims)), top[:, 0]].astype(np.float64)

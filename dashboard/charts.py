@@ -159,3 +159,170 @@ def zeroshot_accuracy(results: pd.DataFrame, *, chance: float | None = None) -> 
     fig.update_layout(barmode="group")
     fig.update_yaxes(range=[0, 100], ticksuffix="%")
     return _layout(fig, title="Zero-shot top-1 by benchmark", x_title="", y_title="top-1 accuracy", height=360)
+
+
+# -- clusters ---------------------------------------------------------------------------------------
+#: No figure sends more points than this to the browser; above it maps draw density tiles.
+MAX_POINTS = 200_000
+#: Colour scales: complexity/size are "more = warmer"; distance to the centroid likewise.
+SEQUENTIAL = "Viridis"
+#: Categorical palette for ground-truth concepts (cycled); "(none)" and "(other)" are grey.
+CATEGORY_COLORS = ("#4C5FD5", "#E8833A", "#3AA57A", "#B5478C", "#2E9BC4", "#8A6D3B", "#D9534F", "#6C8E2F",
+                   "#9B59B6", "#E8B13A", "#1ABC9C", "#7F8C8D", "#C0392B", "#2C3E50", "#F39C12", "#16A085")
+#: Up to this many points a map is drawn as SVG (exact clicks, crisp); above it with WebGL (fast).
+SVG_POINTS = 5_000
+#: What the cluster map can be coloured by: column -> legend title.
+CLUSTER_COLOR_BY = {"complexity": "complexity", "size": "size", "d_intra": "d_intra", "truth": "ground truth"}
+
+
+def _scatter(n: int) -> type[go.Scatter] | type[go.Scattergl]:
+    return go.Scatter if n <= SVG_POINTS else go.Scattergl
+
+
+def _marker_sizes(size: pd.Series, lo: float = 6.0, hi: float = 28.0) -> list[float]:
+    """Marker diameters growing with sqrt(size) (area ~ members), between ``lo`` and ``hi`` px."""
+    root = size.astype(float).clip(lower=0) ** 0.5
+    span = float(root.max() - root.min())
+    scaled = (root - root.min()) / span if span > 0 else root * 0 + 0.5
+    return (lo + scaled * (hi - lo)).round(1).tolist()
+
+
+def _cluster_hover(df: pd.DataFrame) -> list[str]:
+    names = df["label"].where(df["label"].notna(), "(unnamed)") if "label" in df else pd.Series([""] * len(df))
+    vocab = df["vocab_label"] if "vocab_label" in df else pd.Series([None] * len(df))
+    truth = df["truth"] if "truth" in df else pd.Series([None] * len(df))
+    out = []
+    for (_, r), name, voc, tru in zip(df.iterrows(), names, vocab, truth, strict=True):
+        lines = [f"cluster {int(r['cluster'])}: {plain(name)}"]
+        if voc is not None and voc == voc:
+            lines.append(f"names: {plain(voc)}")
+        if tru is not None and tru == tru:
+            lines.append(f"ground truth: {plain(tru)} ({float(r.get('purity', 0)):.0%})")
+        lines.append(f"size {int(r['size']):,} · complexity {float(r['complexity']):.4f} · "
+                     f"d_intra {float(r['d_intra']):.3f}")
+        out.append("<br>".join(lines))
+    return out
+
+
+def cluster_map(df: pd.DataFrame, *, color_by: str = "complexity", selected: int | None = None,
+                max_points: int = MAX_POINTS) -> go.Figure:
+    """The concept map: one marker per cluster at its centroid's UMAP position.
+
+    Args:
+        df: one row per cluster with ``cluster, x, y, size, complexity, d_intra`` and optionally
+            ``label, vocab_label`` and ``truth, purity`` (majority ground-truth value and its share).
+        color_by: a key of :data:`CLUSTER_COLOR_BY`; ``truth`` needs the ``truth`` column.
+        selected: a cluster to ring.
+        max_points: above this many clusters the map draws density tiles instead of markers.
+
+    Returns:
+        A figure whose marker traces carry the cluster index as ``customdata`` (for click selection);
+        marker area grows with cluster size.
+    """
+    if df.empty:
+        return empty_figure("no map yet")
+    if len(df) > max_points:
+        return density_map(df, title=f"Concept map: {len(df):,} clusters (density)")
+    fig = go.Figure()
+    hover = _cluster_hover(df)
+    sizes = _marker_sizes(df["size"])
+    if color_by == "truth" and "truth" in df:
+        _truth_traces(fig, df, hover, sizes)
+    else:
+        col = color_by if color_by in ("complexity", "size", "d_intra") else "complexity"
+        fig.add_trace(_scatter(len(df))(
+            x=df["x"], y=df["y"], mode="markers", customdata=df["cluster"].tolist(), text=hover,
+            hovertemplate="%{text}<extra></extra>", showlegend=False,
+            marker=dict(size=sizes, color=df[col].astype(float), colorscale=SEQUENTIAL, showscale=True,
+                        colorbar=dict(title=CLUSTER_COLOR_BY[col], thickness=12),
+                        line=dict(width=0.5, color="white"), opacity=0.9)))
+    _ring(fig, df, selected)
+    fig = _layout(fig, title="Concept map (UMAP of the centroids; area ~ members)", x_title="", y_title="",
+                  height=520)
+    fig.update_xaxes(showticklabels=False, showgrid=False)
+    fig.update_yaxes(showticklabels=False, showgrid=False, scaleanchor="x")
+    fig.update_layout(clickmode="event+select", dragmode="pan")
+    return fig
+
+
+def _truth_traces(fig: go.Figure, df: pd.DataFrame, hover: list[str], sizes: list[float]) -> None:
+    """One trace per majority ground-truth value (legend = concepts), largest concepts first."""
+    order = df.groupby("truth")["size"].sum().sort_values(ascending=False).index.tolist()
+    sizes_s = pd.Series(sizes, index=df.index)
+    hover_s = pd.Series(hover, index=df.index)
+    for i, value in enumerate(order):
+        mask = df["truth"] == value
+        grey = value in ("(none)", "(other)")
+        color = OTHER_COLOR if grey else CATEGORY_COLORS[i % len(CATEGORY_COLORS)]
+        fig.add_trace(_scatter(len(df))(
+            x=df.loc[mask, "x"], y=df.loc[mask, "y"], mode="markers", name=plain(value),
+            customdata=df.loc[mask, "cluster"].tolist(), text=hover_s[mask].tolist(),
+            hovertemplate="%{text}<extra></extra>",
+            marker=dict(size=sizes_s[mask].tolist(), color=color, opacity=0.9, line=dict(width=0.5, color="white"))))
+
+
+def _ring(fig: go.Figure, df: pd.DataFrame, selected: int | None) -> None:
+    if selected is None or selected not in set(df["cluster"]):
+        return
+    row = df[df["cluster"] == selected].iloc[0]
+    fig.add_scatter(x=[row["x"]], y=[row["y"]], mode="markers", hoverinfo="skip", showlegend=False,
+                    marker=dict(size=36, color="rgba(0,0,0,0)", line=dict(width=3, color="#D9534F")))
+
+
+def density_map(df: pd.DataFrame, *, title: str, bins: int = 120) -> go.Figure:
+    """Density tiles of ``x, y`` (counts per bin): what a map shows above :data:`MAX_POINTS` points."""
+    import numpy as np
+
+    counts, xe, ye = np.histogram2d(df["x"].to_numpy(float), df["y"].to_numpy(float), bins=bins)
+    z = np.where(counts.T > 0, counts.T, np.nan)
+    fig = go.Figure(go.Heatmap(z=z, x=(xe[:-1] + xe[1:]) / 2, y=(ye[:-1] + ye[1:]) / 2, colorscale=SEQUENTIAL,
+                               colorbar=dict(title="points", thickness=12),
+                               hovertemplate="%{z:,} points<extra></extra>"))
+    fig = _layout(fig, title=plain(title), x_title="", y_title="", height=480)
+    fig.update_xaxes(showticklabels=False, showgrid=False)
+    fig.update_yaxes(showticklabels=False, showgrid=False)
+    return fig
+
+
+def member_map(df: pd.DataFrame, *, title: str, max_points: int = MAX_POINTS) -> go.Figure:
+    """One cluster's members at their UMAP positions, coloured by distance to the centroid.
+
+    Args:
+        df: ``x, y, dist_to_centroid`` (and ``id``) per member.
+    """
+    if df.empty:
+        return empty_figure("this cluster has no members")
+    if len(df) > max_points:
+        return density_map(df, title=f"{title}: {len(df):,} members (density)")
+    fig = go.Figure(_scatter(len(df))(
+        x=df["x"], y=df["y"], mode="markers", text=[plain(i) for i in df["id"]],
+        customdata=df["dist_to_centroid"].astype(float),
+        hovertemplate="%{text}<br>1 - cos to centroid %{customdata:.3f}<extra></extra>",
+        marker=dict(size=7, color=df["dist_to_centroid"].astype(float), colorscale=SEQUENTIAL, showscale=True,
+                    colorbar=dict(title="1 - cos", thickness=12), opacity=0.85)))
+    fig = _layout(fig, title=plain(title), x_title="", y_title="", height=420)
+    fig.update_xaxes(showticklabels=False, showgrid=False)
+    fig.update_yaxes(showticklabels=False, showgrid=False, scaleanchor="x")
+    return fig
+
+
+def stat_position(stats: pd.DataFrame, column: str, value: float, *, title: str) -> go.Figure:
+    """Histogram of one per-cluster statistic over all clusters, with a line at the selected cluster."""
+    fig = go.Figure(go.Histogram(x=stats[column].astype(float), nbinsx=30, marker_color=ROLE_COLORS["pool"],
+                                 opacity=0.75, hovertemplate="%{x}<br>%{y} clusters<extra></extra>"))
+    fig.add_vline(x=float(value), line_color="#D9534F", line_width=3)
+    fig = _layout(fig, title=plain(title), x_title=plain(column), y_title="clusters", height=240)
+    fig.update_layout(bargap=0.05, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def composition(df: pd.DataFrame, *, title: str) -> go.Figure:
+    """Horizontal bars: the share of each ground-truth value in one cluster (``value, count, share``)."""
+    if df.empty:
+        return empty_figure("no ground truth")
+    df = df.sort_values("count")
+    fig = go.Figure(go.Bar(y=[plain(v) for v in df["value"]], x=(df["share"] * 100).tolist(), orientation="h",
+                           customdata=df["count"].tolist(), marker_color=ROLE_COLORS["benchmark"],
+                           hovertemplate="%{y}<br>%{x:.1f}% (%{customdata:,} samples)<extra></extra>"))
+    fig.update_xaxes(range=[0, 100], ticksuffix="%")
+    return _layout(fig, title=plain(title), x_title="share of members", y_title="", height=120 + 28 * len(df))

@@ -137,3 +137,109 @@ def zeroshot_results(root: str) -> pd.DataFrame:
         "WHERE m.metric IN ('zeroshot_top1', 'zeroshot_top5') AND m.corruption IS NULL "
         "ORDER BY m.model, m.dataset"
     )
+
+
+# -- clusters ---------------------------------------------------------------------------------------
+#: Index columns that hold a ground-truth concept per sample (the demo world's pool has the first).
+TRUTH_COLUMNS = ("concept_name", "class_name")
+#: Columns of the clusters table as the Clusters page shows them.
+CLUSTER_COLUMNS = ["cluster", "label", "vocab_label", "size", "d_intra", "d_inter", "complexity", "vocab_score"]
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def clusterings(root: str) -> pd.DataFrame:
+    """Registered clusterings, newest first: id, embedding_set, dataset, k, seed, n, created_at."""
+    return _ws(root).catalog.query(
+        "SELECT c.id, c.embedding_set, e.dataset, c.k, c.seed, "
+        "(SELECT coalesce(sum(size), 0) FROM clusters s WHERE s.clustering_id = c.id) AS n, c.created_at "
+        "FROM clusterings c LEFT JOIN embedding_sets e ON e.id = c.embedding_set ORDER BY c.created_at DESC, c.id"
+    )
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def cluster_table(root: str, clustering_id: str) -> pd.DataFrame:
+    """One row per cluster: :data:`CLUSTER_COLUMNS`, ordered by cluster."""
+    df = _ws(root).catalog.query(
+        f"SELECT {', '.join(CLUSTER_COLUMNS)} FROM clusters WHERE clustering_id = ? ORDER BY cluster", [clustering_id]
+    )
+    return df
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def clustering_meta(root: str, clustering_id: str) -> dict[str, Any]:
+    """The clustering's meta.json (config, n, skipped)."""
+    from core.clustering import clustering_meta as read_meta
+
+    return read_meta(_ws(root), clustering_id)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def members(root: str, clustering_id: str, dataset: str, cluster: int, end: str, n: int) -> pd.DataFrame:
+    """``n`` members of a cluster from one end (``prototypical``/``atypical``), joined with their dataset
+    index rows (caption, url, path ...) for the gallery; values None rather than NaN."""
+    from core.clustering import cluster_members
+
+    picks = cluster_members(_ws(root), clustering_id, cluster, n=n, end=end)
+    index = dataset_handle(root, dataset).index
+    rows = index.iloc[picks["row"].to_numpy()].reset_index(drop=True)
+    rows = rows.drop(columns=[c for c in ("cluster", "dist_to_centroid", "pos") if c in rows.columns])
+    out = pd.concat([picks.drop(columns=["id", "row"]), rows], axis=1)
+    return out.astype(object).where(out.notna(), None)
+
+
+def truth_column(root: str, dataset: str) -> str | None:
+    """The dataset's ground-truth concept column (:data:`TRUTH_COLUMNS`), or None."""
+    index = dataset_handle(root, dataset).index
+    return next((c for c in TRUTH_COLUMNS if c in index.columns and index[c].notna().any()), None)
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def truth_composition(root: str, clustering_id: str, dataset: str, column: str) -> pd.DataFrame:
+    """``cluster, value, count, share`` of a ground-truth column per cluster (majority first)."""
+    from core.clustering import cluster_composition
+
+    values = dataset_handle(root, dataset).index[column]
+    return cluster_composition(_ws(root), clustering_id, values)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def centroid_map(root: str, clustering_id: str) -> pd.DataFrame | None:
+    """The cached UMAP map of the centroids (``cluster, x, y``), None until computed."""
+    from core import project
+
+    ws = _ws(root)
+    return project.centroid_map(ws, clustering_id) if project.has_centroid_map(ws, clustering_id) else None
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def member_map(root: str, clustering_id: str, cluster: int) -> pd.DataFrame | None:
+    """The cached UMAP map of one cluster's members (``pos, id, row, x, y, dist_to_centroid``), or None."""
+    from core import project
+
+    ws = _ws(root)
+    return project.member_map(ws, clustering_id, cluster) if project.has_member_map(ws, clustering_id, cluster) else None
+
+
+def compute_maps(root: str, clustering_id: str, clusters: list[int] | None) -> None:
+    """Compute (and cache on disk) the centroid map and the given clusters' member maps."""
+    from core import project
+
+    project.compute_maps(_ws(root), clustering_id, clusters=clusters)
+    centroid_map.clear()
+    member_map.clear()
+
+
+@st.cache_resource(ttl=1800, max_entries=2, show_spinner=False)
+def text_encoder(root: str, embedding_set: str) -> Any:
+    """The embedding set's CLIP text tower (loaded once per set and shared across sessions)."""
+    from core.search import load_text_encoder
+
+    return load_text_encoder(_ws(root), embedding_set)
+
+
+@st.cache_data(ttl=300, max_entries=50, show_spinner=False)
+def text_search(root: str, clustering_id: str, embedding_set: str, text: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Nearest clusters and samples to a phrase (see :func:`core.search.search_clustering`)."""
+    from core.search import search_clustering
+
+    return search_clustering(_ws(root), clustering_id, text, encode=text_encoder(root, embedding_set))

@@ -87,6 +87,44 @@ def thumbnail_grid(root: str, dataset: str, rows: pd.DataFrame, *, columns: int 
                 _tile(root, dataset, row)
 
 
+#: URL schemes the browser may load gallery images from (never javascript:, data:, file:).
+URL_SCHEMES = ("http://", "https://")
+
+
+def safe_url(value: object) -> str | None:
+    """``value`` when it is an http(s) URL without whitespace or quotes, else None."""
+    if not isinstance(value, str):
+        return None
+    url = value.strip()
+    if not url.lower().startswith(URL_SCHEMES) or any(c.isspace() or c in "\"'<>" for c in url):
+        return None
+    return url
+
+
+def url_gallery(rows: pd.DataFrame, *, key: str) -> None:
+    """Images of a URL-only pool (LAION-style), loaded by the user's browser straight from their URLs.
+
+    A dead link leaves its image cell empty (the row, its caption and the link stay); URLs that are
+    not http(s) are not loaded at all. Captions are plain text cells.
+    """
+    if rows.empty:
+        st.info("No samples to show.")
+        return
+    urls = [safe_url(u) for u in rows.get("url", pd.Series([None] * len(rows)))]
+    table = pd.DataFrame({
+        "image": urls,
+        "caption": [shorten(c) if c else "(no caption)" for c in rows.get("caption", [None] * len(rows))],
+        "note": [str(n) if n else "" for n in rows.get("note", [None] * len(rows))],
+        "link": urls,
+    })
+    st.dataframe(table, key=key, hide_index=True, width="stretch", row_height=96, column_config={
+        "image": st.column_config.ImageColumn("image", width="small"),
+        "caption": st.column_config.TextColumn("caption", width="large"),
+        "note": st.column_config.TextColumn("", width="small"),
+        "link": st.column_config.LinkColumn("url", width="medium"),
+    })
+
+
 def _tile(root: str, dataset: str, row: Mapping[str, Any]) -> None:
     with st.container(border=True):
         data, reason = thumbnail(root, dataset, str(row["id"]), row)
@@ -99,3 +137,5 @@ def _tile(root: str, dataset: str, row: Mapping[str, Any]) -> None:
             st.text(f"class: {shorten(row['class_name'], 40)}")
         caption = row.get("caption")
         st.text(shorten(caption) if caption else "(no caption)")
+        if row.get("note"):
+            st.text(shorten(row["note"], 60))

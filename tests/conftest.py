@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
@@ -91,3 +95,71 @@ def hostile_captions() -> tuple[str, ...]:
 def small_workspace(tmp_path_factory: pytest.TempPathFactory):
     """A read-only shared workspace (see :func:`build_small_workspace`); tests must not modify it."""
     return build_small_workspace(tmp_path_factory.mktemp("small"))
+
+
+# -- clustered workspaces (Clusters page, browser tests) ------------------------------------------------
+
+def fast_projection(X, **_kwargs):
+    """A stand-in for UMAP in page tests (the page reads cached maps; UMAP itself is tested in tests/cluster)."""
+    X = np.asarray(X, np.float32)
+    if len(X) == 0:
+        return np.zeros((0, 2), np.float32)
+    centred = X - X.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    out = np.zeros((len(X), 2), np.float32)
+    out[:, : min(2, vt.shape[0])] = centred @ vt[:2].T
+    return out
+
+
+def cluster_with_maps(ws, set_id: str, k: int, clustering_id: str) -> str:
+    from core.clustering import ClusterConfig, run_clustering
+    from core.project import compute_maps
+
+    run_clustering(ws, ClusterConfig(embedding_set=set_id, k=k, seed=0, n_neighbors=2, clustering_id=clustering_id))
+    with mock.patch("core.project.umap_2d", fast_projection):
+        compute_maps(ws, clustering_id)
+    return clustering_id
+
+
+@pytest.fixture(scope="session")
+def clustered_workspace(tmp_path_factory: pytest.TempPathFactory):
+    """The small workspace plus web_pool embedded by a randomly initialised demo CLIP (both towers, so text
+    search works), clustered into k=3 with every map cached. Tests must not modify it."""
+    from core.embed import EmbedConfig, embed_dataset
+
+    ws = build_small_workspace(tmp_path_factory.mktemp("clustered"))
+    info = embed_dataset(ws, EmbedConfig(dataset="web_pool", model="demo-vit-tiny", modality="both", num_workers=0))
+    cluster_with_maps(ws, info.id, 3, "web3")
+    return ws
+
+
+URL_CONCEPTS = ("red triangle", "blue star", "green circle")
+
+
+@pytest.fixture(scope="session")
+def url_workspace(tmp_path_factory: pytest.TempPathFactory):
+    """A LAION-style release: embeddings + metadata with image URLs only (no pixels), and a ground-truth
+    ``concept_name`` column; clustered into k=3 with maps. Its model name is not a real one, so text
+    search must fail with a one-line error."""
+    from core.datasets import register_dataset
+    from core.embed import import_laion_embeddings
+    from core.workspace import Workspace
+
+    root: Path = tmp_path_factory.mktemp("urlpool")
+    rng = np.random.default_rng(0)
+    centres = np.linalg.qr(rng.normal(size=(16, 16)))[0][:3]
+    X = np.concatenate([centres[c] + 0.1 * rng.normal(size=(20, 16)) for c in range(3)]).astype(np.float16)
+    names = [URL_CONCEPTS[i // 20] for i in range(60)]
+    urls = [f"https://example.invalid/img/{i}.jpg" for i in range(60)]
+    urls[0] = "javascript:alert(1)"
+    (root / "laion" / "img_emb").mkdir(parents=True)
+    (root / "laion" / "metadata").mkdir(parents=True)
+    np.save(root / "laion" / "img_emb" / "img_emb_0.npy", X)
+    pq.write_table(pa.table({"key": [f"u{i:03d}" for i in range(60)], "url": urls,
+                             "caption": [f"a {n} <b>bold</b> {i}" for i, n in enumerate(names)],
+                             "concept_name": names}), root / "laion" / "metadata" / "metadata_0.parquet")
+    ws = Workspace(root / "ws")
+    register_dataset(ws, "urlpool", "laion", root / "laion")
+    info = import_laion_embeddings(ws, "urlpool", model="synthetic")
+    cluster_with_maps(ws, info.id, 3, "url3")
+    return ws

@@ -197,10 +197,21 @@ def stage_cluster(ctx: DemoContext) -> str:
     """Concept clusters of the pool's demo-CLIP image embeddings (reused when complete)."""
     from core.clustering import ClusterConfig, run_clustering
 
-    info = run_clustering(ctx.ws, ClusterConfig(embedding_set="pool.demo-clip.both", k=CLUSTERS[ctx.size],
-                                                seed=ctx.seed, clustering_id="pool.demo-clip"))
+    cfg = ClusterConfig(embedding_set="pool.demo-clip.both", k=CLUSTERS[ctx.size], seed=ctx.seed,
+                        clustering_id="pool.demo-clip", vocabulary=str(ctx.world / "classes.json"),
+                        templates=str(ctx.world / "templates.json"))
+    info = run_clustering(ctx.ws, cfg)
     named = int(info.stats["label"].notna().sum())
-    return f"clustering {info.id}: {info.n} rows in {info.k} clusters ({named} named from captions)"
+    return (f"clustering {info.id}: {info.n} rows in {info.k} clusters ({named} named from captions; "
+            "all matched to the world's class names)")
+
+
+def stage_maps(ctx: DemoContext) -> str:
+    """UMAP maps of the demo clustering: the centroids and every cluster's members (cached)."""
+    from core.project import compute_maps
+
+    counts = compute_maps(ctx.ws, "pool.demo-clip", progress=ctx.progress)
+    return f"maps of pool.demo-clip: {counts['computed']} computed, {counts['cached']} cached"
 
 
 STAGES: list[tuple[str, Stage]] = [
@@ -211,6 +222,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("embed", stage_embed),
     ("zeroshot", stage_zeroshot),
     ("cluster", stage_cluster),
+    ("maps", stage_maps),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -41,12 +42,12 @@ def wait_healthy(base: str, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"streamlit not healthy after {HEALTH_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def streamlit_server(small_workspace, tmp_path_factory) -> Iterator[str]:
-    """Serve dashboard/app.py on the small workspace; yields the base URL, kills the server after."""
-    log = tmp_path_factory.mktemp("server") / "streamlit.log"
+@contextlib.contextmanager
+def serve(workspace: Path, log_dir: Path) -> Iterator[str]:
+    """Serve dashboard/app.py on ``workspace``; yields the base URL, kills the server after."""
+    log = log_dir / "streamlit.log"
     port = free_port()
-    env = dict(os.environ, PRUNESCOPE_WORKSPACE=str(small_workspace.root))
+    env = dict(os.environ, PRUNESCOPE_WORKSPACE=str(workspace))
     cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
            "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
     with log.open("w") as out:
@@ -62,6 +63,20 @@ def streamlit_server(small_workspace, tmp_path_factory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def streamlit_server(small_workspace, tmp_path_factory) -> Iterator[str]:
+    """The dashboard on the small workspace (datasets, no clusterings)."""
+    with serve(small_workspace.root, tmp_path_factory.mktemp("server")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def clusters_server(clustered_workspace, tmp_path_factory) -> Iterator[str]:
+    """The dashboard on the clustered workspace (web_pool embedded, k=3, maps cached)."""
+    with serve(clustered_workspace.root, tmp_path_factory.mktemp("server")) as base:
+        yield base
 
 
 @pytest.fixture(scope="session")

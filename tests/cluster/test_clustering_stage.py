@@ -1,10 +1,6 @@
 """The clustering stage end to end: a LAION-style release -> embedding set -> clusters in the catalog."""
 
-from pathlib import Path
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from core.cluster import assign
@@ -14,39 +10,17 @@ from core.embed import import_laion_embeddings, load_embeddings
 from core.errors import ConfigError
 from core.workspace import Workspace
 
-CONCEPTS = ("red triangle", "blue star", "green circle", "yellow square")
-
-
-def _release(root: Path, per_concept: int = 30, dim: int = 16, seed: int = 0) -> None:
-    """Four well-separated concepts with captions naming them, in two LAION partitions."""
-    rng = np.random.default_rng(seed)
-    centres = np.linalg.qr(rng.normal(size=(dim, dim)))[0][: len(CONCEPTS)]
-    X, captions = [], []
-    for c, name in enumerate(CONCEPTS):
-        pts = centres[c] + 0.15 * rng.normal(size=(per_concept, dim))
-        X.append(pts / np.linalg.norm(pts, axis=1, keepdims=True))
-        captions += [f"a photo of a {name} stock image {i}" for i in range(per_concept)]
-    X = np.concatenate(X).astype(np.float16)
-    X[5] = 0  # one broken row: skipped at registration
-    order = rng.permutation(len(X))
-    for p, part in enumerate(np.array_split(order, 2)):
-        (root / "img_emb").mkdir(parents=True, exist_ok=True)
-        np.save(root / "img_emb" / f"img_emb_{p}.npy", X[part])
-        (root / "metadata").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"key": [f"s{i:04d}" for i in part], "caption": [captions[i] for i in part]}),
-                       root / "metadata" / f"metadata_{p}.parquet")
-
 
 @pytest.fixture()
-def ws_with_set(tmp_path):
-    _release(tmp_path / "laion")
+def ws_with_set(tmp_path, make_release):
+    make_release(tmp_path / "laion")
     ws = Workspace(tmp_path / "ws")
     register_dataset(ws, "pool", "laion", tmp_path / "laion")
     info = import_laion_embeddings(ws, "pool", model="synthetic")
     return ws, info.id
 
 
-def test_clusters_recover_concepts_and_are_named_from_captions(ws_with_set):
+def test_clusters_recover_concepts_and_are_named_from_captions(ws_with_set, release_concepts):
     ws, set_id = ws_with_set
     info = run_clustering(ws, ClusterConfig(embedding_set=set_id, k=4, seed=0, n_neighbors=3))
     assert info.n == 119 and info.k == 4
@@ -54,7 +28,7 @@ def test_clusters_recover_concepts_and_are_named_from_captions(ws_with_set):
     assert stats["size"].sum() == 119 and (stats["complexity"] > 0).all()
     assert np.allclose(stats["complexity"], stats["d_intra"] * stats["d_inter"])
     labels = set(stats["label"])
-    for name in CONCEPTS:  # each concept's cluster is named after it (colour and shape words)
+    for name in release_concepts:  # each concept's cluster is named after it (colour and shape words)
         assert any(set(name.split()) <= set(label.split()) for label in labels), (name, labels)
     assert all("stock" not in label and "photo" not in label for label in labels)
     assert list_clusterings(ws)["id"].tolist() == [info.id]

@@ -53,7 +53,9 @@ def test_overview_shows_metrics_datasets_and_runs(small_workspace, monkeypatch):
     assert issues["reason"].tolist() in (["corrupt_image"], ["truncated_image"], ["unsupported_image"])
     assert "embed-web_pool-0001" in at.dataframe[2].value["id"].tolist()
     assert [c.value for c in at.code] == [str(small_workspace.root)]
-    assert "Catalog schema v1" in [c.value for c in at.caption]
+    from core.store.catalog import SCHEMA_VERSION
+
+    assert f"Catalog schema v{SCHEMA_VERSION}" in [c.value for c in at.caption]
 
 
 def test_overview_thumbnails_show_captions_as_plain_text(small_workspace, hostile_captions, monkeypatch):
