@@ -119,7 +119,13 @@ def run_clustering(ws: Workspace, cfg: ClusterConfig, *, replace: bool = False) 
     if cfg.k > n_total:
         raise ConfigError(f"k = {cfg.k} is more than the {n_total} rows of embedding set '{cfg.embedding_set}'")
     vocab = _vocabulary(ws, cfg)  # before any fitting: missing weights fail fast
-    sample = _fit_sample(shards(), n_total, cfg)
+    sample = _fit_sample(shards(), n_total, cfg, int(set_row["dim"]))
+    if len(sample) == 0:
+        raise DataError(f"embedding set '{cfg.embedding_set}' has no valid rows to cluster "
+                        "(every row is NaN, infinite or all zeros)")
+    if len(sample) < cfg.k:
+        raise ConfigError(f"k = {cfg.k} is more than the {len(sample)} valid rows sampled from "
+                          f"'{cfg.embedding_set}'", hint="lower --k or raise --fit-sample")
     centroids = fit_centroids(sample, cfg.k, seed=cfg.seed, niter=cfg.niter, gpu=cfg.gpu)
     table, skipped = _assign_all(shards(), centroids)
     if table.num_rows == 0:
@@ -138,7 +144,7 @@ def run_clustering(ws: Workspace, cfg: ClusterConfig, *, replace: bool = False) 
     return ClusteringInfo(cfg.id, cfg.embedding_set, cfg.k, table.num_rows, sum(skipped.values()), folder, stats)
 
 
-def _fit_sample(shards: Any, n_total: int, cfg: ClusterConfig) -> np.ndarray:
+def _fit_sample(shards: Any, n_total: int, cfg: ClusterConfig, dim: int) -> np.ndarray:
     """The rows k-means is fitted on: all valid rows, or a seeded random sample of ``fit_sample``."""
     if cfg.fit_sample is None or cfg.fit_sample >= n_total:
         picks = None
@@ -148,10 +154,10 @@ def _fit_sample(shards: Any, n_total: int, cfg: ClusterConfig) -> np.ndarray:
     for _ids, _rows, X in shards:
         n = len(X)
         take = slice(None) if picks is None else picks[(picks >= offset) & (picks < offset + n)] - offset
-        Xn, valid = validate_embeddings(np.asarray(X[take]))
+        Xn, valid = validate_embeddings(np.asarray(X[take]), expected_dim=dim)
         parts.append(Xn[valid])
         offset += n
-    return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
 def _assign_all(shards: Any, centroids: np.ndarray) -> tuple[pa.Table, dict[str, int]]:

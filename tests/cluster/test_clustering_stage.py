@@ -7,7 +7,7 @@ from core.cluster import assign
 from core.clustering import ClusterConfig, list_clusterings, load_assignments, run_clustering
 from core.datasets import register_dataset
 from core.embed import import_laion_embeddings, load_embeddings
-from core.errors import ConfigError
+from core.errors import ConfigError, DataError
 from core.workspace import Workspace
 
 
@@ -73,3 +73,49 @@ def test_k_larger_than_rows_is_a_clear_error(ws_with_set):
     ws, set_id = ws_with_set
     with pytest.raises(ConfigError, match="more than the 119 rows"):
         run_clustering(ws, ClusterConfig(embedding_set=set_id, k=500))
+
+
+def _damage_first_shard(ws, set_id: str, rows: dict[int, float]) -> None:
+    """Overwrite rows of the set's first image shard (value per row: nan, inf or 0.0), as a bad writer would."""
+    from core.embed import embedding_set_row
+
+    path = ws.abs(embedding_set_row(ws, set_id)["path"]) / "image" / "part-00000.npy"
+    X = np.load(path)
+    for r, value in rows.items():
+        X[r] = value
+    np.save(path, X)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 0.0], ids=["nan", "inf", "zero"])
+def test_bad_rows_are_counted_skips(ws_with_set, value):
+    ws, set_id = ws_with_set
+    _damage_first_shard(ws, set_id, {0: value, 3: value})
+    info = run_clustering(ws, ClusterConfig(embedding_set=set_id, k=4, seed=0, n_neighbors=3))
+    assert info.n == 117 and info.n_skipped == 2
+    assert len(load_assignments(ws, info.id)) == 117
+    meta = (info.path / "meta.json").read_text()
+    assert '"bad_embedding": 2' in meta
+
+
+def test_set_without_a_valid_row_is_a_clear_error(ws_with_set):
+    ws, set_id = ws_with_set
+    from core.embed import embedding_set_row
+
+    folder = ws.abs(embedding_set_row(ws, set_id)["path"]) / "image"
+    for path in folder.glob("part-*.npy"):
+        X = np.load(path)
+        X[:] = np.nan
+        np.save(path, X)
+    with pytest.raises(DataError, match="no valid rows"):
+        run_clustering(ws, ClusterConfig(embedding_set=set_id, k=4, seed=0))
+
+
+def test_wrong_width_shard_is_a_clear_error(ws_with_set):
+    ws, set_id = ws_with_set
+    from core.embed import embedding_set_row
+
+    path = ws.abs(embedding_set_row(ws, set_id)["path"]) / "image" / "part-00000.npy"
+    X = np.load(path)
+    np.save(path, np.zeros((X.shape[0], X.shape[1] + 3), X.dtype) + 0.1)  # a shard of another model
+    with pytest.raises(DataError, match="19 columns, expected 16"):
+        run_clustering(ws, ClusterConfig(embedding_set=set_id, k=4, seed=0))
