@@ -112,3 +112,68 @@ def test_zeroshot_chart_groups_models_and_draws_chance():
     assert list(fig.data[0].x) == ["val", "sketch"] and list(fig.data[0].y) == pytest.approx([60.0, 10.0])
     assert any("chance" in (a.text or "") for a in fig.layout.annotations)
     assert charts.zeroshot_accuracy(df[df.metric == "none"]).layout.annotations[0].text == "no zero-shot evaluation yet"
+
+
+# -- clusters ---------------------------------------------------------------------------------------
+def _clusters(n: int, seed: int = 0) -> pd.DataFrame:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"cluster": np.arange(n), "x": rng.normal(size=n), "y": rng.normal(size=n),
+                         "size": rng.integers(1, 500, n), "complexity": rng.random(n), "d_intra": rng.random(n),
+                         "label": [f"<b>c{i}</b>" for i in range(n)], "vocab_label": ["red square"] * n})
+
+
+def test_cluster_map_carries_cluster_ids_and_escapes_labels():
+    df = _clusters(30)
+    fig = charts.cluster_map(df, color_by="size", selected=4)
+    main = fig.data[0]
+    assert list(main.customdata) == list(range(30))
+    assert "<b>" not in " ".join(main.text) and "&lt;b&gt;c3&lt;/b&gt;" in main.text[3]
+    assert list(main.marker.color) == df["size"].astype(float).tolist()
+    assert len(fig.data) == 2 and fig.data[1].x[0] == df.loc[4, "x"]  # the selection ring
+    sizes = list(main.marker.size)
+    big, small = int(df["size"].idxmax()), int(df["size"].idxmin())
+    assert sizes[big] == max(sizes) and sizes[small] == min(sizes)
+
+
+def test_cluster_map_by_truth_has_one_trace_per_concept_largest_first():
+    df = _clusters(6).assign(truth=["a", "b", "a", "(none)", "b", "a"], purity=0.9)
+    df["size"] = [10, 50, 10, 5, 50, 10]
+    fig = charts.cluster_map(df, color_by="truth")
+    assert [t.name for t in fig.data] == ["b", "a", "(none)"]
+    assert fig.data[2].marker.color == charts.OTHER_COLOR
+    assert sorted(c for t in fig.data for c in t.customdata) == list(range(6))
+
+
+def test_maps_above_the_point_cap_draw_density_tiles():
+    df = _clusters(50)
+    fig = charts.cluster_map(df, max_points=49)
+    assert fig.data[0].type == "heatmap"
+    total = sum(v for row in fig.data[0].z for v in row if v == v)
+    assert total == 50
+    members = df.assign(id=[str(i) for i in range(50)], dist_to_centroid=0.1)
+    assert charts.member_map(members, title="m", max_points=10).data[0].type == "heatmap"
+    assert charts.member_map(members, title="m").data[0].type == "scatter"
+
+
+def test_large_maps_use_webgl():
+    df = _clusters(charts.SVG_POINTS + 1)
+    assert charts.cluster_map(df).data[0].type == "scattergl"
+
+
+def test_member_map_colours_by_distance_and_escapes_ids():
+    df = pd.DataFrame({"id": ["<i>x</i>", "b"], "x": [0.0, 1.0], "y": [0.0, 1.0], "dist_to_centroid": [0.1, 0.3]})
+    fig = charts.member_map(df, title="<script>t</script>")
+    assert list(fig.data[0].marker.color) == [0.1, 0.3]
+    assert "<i>" not in fig.data[0].text[0] and "<script>" not in fig.layout.title.text
+
+
+def test_stat_position_and_composition():
+    stats = _clusters(20)
+    fig = charts.stat_position(stats, "complexity", 0.5, title="complexity")
+    assert fig.layout.shapes[0].x0 == 0.5 and len(fig.data[0].x) == 20
+    comp = pd.DataFrame({"value": ["a", "<b>b</b>"], "count": [3, 1], "share": [0.75, 0.25]})
+    bars = charts.composition(comp, title="t").data[0]
+    assert list(bars.x) == [25.0, 75.0] and bars.y[0] == "&lt;b&gt;b&lt;/b&gt;"
+    assert charts.composition(comp.iloc[:0], title="t").layout.annotations
