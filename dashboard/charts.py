@@ -326,3 +326,107 @@ def composition(df: pd.DataFrame, *, title: str) -> go.Figure:
                            hovertemplate="%{y}<br>%{x:.1f}% (%{customdata:,} samples)<extra></extra>"))
     fig.update_xaxes(range=[0, 100], ticksuffix="%")
     return _layout(fig, title=plain(title), x_title="share of members", y_title="", height=120 + 28 * len(df))
+
+
+# -- pruning ----------------------------------------------------------------------------------------
+KEPT_COLOR = "#3AA57A"
+REMOVED_COLOR = "#D9534F"
+
+
+def eps_curve(curve: pd.DataFrame, *, eps: float | None, reference: pd.DataFrame | None = None) -> go.Figure:
+    """SemDeDup: fraction kept against eps (log axis), the current eps marked, published points beside.
+
+    Args:
+        curve: ``eps, fraction_kept`` on this pool (eps > 0 drawn).
+        eps: the slider's value (marked with a line), or None.
+        reference: ``eps, kept_fraction`` published on LAION-440M (Abbas et al. 2023), drawn as markers.
+    """
+    curve = curve[curve["eps"] > 0]
+    fig = go.Figure(go.Scatter(x=curve["eps"], y=curve["fraction_kept"] * 100, mode="lines+markers", name="this pool",
+                               line=dict(color=ROLE_COLORS["pool"], width=2), marker=dict(size=5),
+                               hovertemplate="eps %{x:.2g}: %{y:.1f}% kept<extra></extra>"))
+    if reference is not None and not reference.empty:
+        fig.add_scatter(x=reference["eps"], y=reference["kept_fraction"] * 100, mode="markers",
+                        name="LAION-440M (SemDeDup paper)", marker=dict(symbol="diamond", size=9, color=OTHER_COLOR),
+                        hovertemplate="eps %{x:.2g}: %{y:.1f}% kept (published)<extra></extra>")
+    if eps is not None and eps > 0:
+        fig.add_vline(x=float(eps), line_color=REMOVED_COLOR, line_dash="dot")
+    ticks = [1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0]
+    fig.update_xaxes(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks],
+                     title_text="eps (a row goes when its cosine to an earlier member > 1 - eps)")
+    fig.update_yaxes(range=[0, 102], ticksuffix="%")
+    return _layout(fig, title="SemDeDup: data kept against eps", x_title="eps", y_title="kept", height=340)
+
+
+def quota_scatter(per_cluster: pd.DataFrame, *, kept_col: str = "kept", color_col: str | None = None) -> go.Figure:
+    """Per cluster: kept (the quota) against input size, coloured by complexity when given.
+
+    Args:
+        per_cluster: ``cluster, size, <kept_col>`` and optionally ``<color_col>``.
+    """
+    if per_cluster.empty:
+        return empty_figure("no clusters")
+    color = per_cluster[color_col].astype(float) if color_col and color_col in per_cluster else ROLE_COLORS["pool"]
+    hover = [f"cluster {int(c)}: keeps {int(k):,} of {int(n):,}" for c, k, n in
+             zip(per_cluster["cluster"], per_cluster[kept_col], per_cluster["size"], strict=True)]
+    marker: dict[str, object] = dict(size=8, color=color, opacity=0.85, line=dict(width=0.5, color="white"))
+    if color_col and color_col in per_cluster:
+        title = "complexity" if color_col.endswith("complexity") else color_col
+        marker |= dict(colorscale=SEQUENTIAL, showscale=True, colorbar=dict(title=plain(title), thickness=12))
+    fig = go.Figure(_scatter(len(per_cluster))(x=per_cluster["size"], y=per_cluster[kept_col], mode="markers",
+                                               text=hover, hovertemplate="%{text}<extra></extra>", marker=marker,
+                                               showlegend=False))
+    top = float(per_cluster["size"].max())
+    fig.add_scatter(x=[0, top], y=[0, top], mode="lines", line=dict(color=OTHER_COLOR, dash="dot"), hoverinfo="skip",
+                    showlegend=False)
+    return _layout(fig, title="Kept per cluster against its size (dotted: keep all)", x_title="members",
+                   y_title="kept", height=360)
+
+
+def kept_by_cluster(per_cluster: pd.DataFrame, *, top: int = 60) -> go.Figure:
+    """Stacked bars of kept and removed members for the ``top`` largest clusters (largest first)."""
+    if per_cluster.empty:
+        return empty_figure("no clusters")
+    df = per_cluster.sort_values("size", ascending=False).head(top)
+    x = [str(int(c)) for c in df["cluster"]]
+    fig = go.Figure()
+    fig.add_bar(name="kept", x=x, y=df["kept"], marker_color=KEPT_COLOR,
+                hovertemplate="cluster %{x}: %{y:,} kept<extra></extra>")
+    fig.add_bar(name="removed", x=x, y=df["removed"], marker_color=REMOVED_COLOR,
+                hovertemplate="cluster %{x}: %{y:,} removed<extra></extra>")
+    fig.update_layout(barmode="stack", bargap=0.15)
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=x)
+    title = "Kept and removed by cluster" + (f" (largest {top})" if len(per_cluster) > top else "")
+    return _layout(fig, title=title, x_title="cluster", y_title="members", height=340)
+
+
+def kept_by_truth(df: pd.DataFrame) -> go.Figure:
+    """Horizontal bars: the fraction of each ground-truth category kept (``category, n, fraction_kept``)."""
+    if df.empty:
+        return empty_figure("no ground truth")
+    labels = [f"{plain(c)} ({int(n):,})" for c, n in zip(df["category"], df["n"], strict=True)]
+    colors = [KEPT_COLOR if c == "clean" else REMOVED_COLOR if "duplicate" in c else ROLE_COLORS["benchmark"]
+              for c in df["category"]]
+    fig = go.Figure(go.Bar(y=labels, x=(df["fraction_kept"] * 100).tolist(), orientation="h", marker_color=colors,
+                           hovertemplate="%{y}: %{x:.1f}% kept<extra></extra>"))
+    fig.update_xaxes(range=[0, 100], ticksuffix="%")
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title="Kept by ground truth (demo world)", x_title="kept", y_title="",
+                   height=140 + 34 * len(df))
+
+
+def manifest_overlap(per_cluster: pd.DataFrame, names: tuple[str, str]) -> go.Figure:
+    """Per cluster, rows kept by A against rows kept by B (``cluster, kept_a, kept_b``)."""
+    if per_cluster.empty:
+        return empty_figure("nothing to compare")
+    hover = [f"cluster {int(c)}: {int(a):,} vs {int(b):,}" for c, a, b in
+             zip(per_cluster["cluster"], per_cluster["kept_a"], per_cluster["kept_b"], strict=True)]
+    fig = go.Figure(_scatter(len(per_cluster))(x=per_cluster["kept_a"], y=per_cluster["kept_b"], mode="markers",
+                                               text=hover, hovertemplate="%{text}<extra></extra>",
+                                               marker=dict(size=8, color=ROLE_COLORS["pool"], opacity=0.8),
+                                               showlegend=False))
+    top = float(max(per_cluster["kept_a"].max(), per_cluster["kept_b"].max()))
+    fig.add_scatter(x=[0, top], y=[0, top], mode="lines", line=dict(color=OTHER_COLOR, dash="dot"), hoverinfo="skip",
+                    showlegend=False)
+    return _layout(fig, title="Kept per cluster: A against B", x_title=f"A: {plain(names[0])}",
+                   y_title=f"B: {plain(names[1])}", height=380)

@@ -243,3 +243,80 @@ def text_search(root: str, clustering_id: str, embedding_set: str, text: str) ->
     from core.search import search_clustering
 
     return search_clustering(_ws(root), clustering_id, text, encode=text_encoder(root, embedding_set))
+
+
+# -- pruning ----------------------------------------------------------------------------------------
+@st.cache_resource(ttl=1800, max_entries=2, show_spinner=False)
+def prune_context(root: str, clustering_id: str) -> Any:
+    """The clustering's PruneContext, shared across reruns and sessions: it caches the eps-independent
+    SemDeDup similarities and the DBP plans, so a slider move re-plans without reading embeddings."""
+    from core.prune import PruneContext
+
+    return PruneContext.from_clustering(_ws(root), clustering_id)
+
+
+@st.cache_resource(ttl=1800, max_entries=2, show_spinner=False)
+def assignment_rows(root: str, clustering_id: str) -> Any:
+    """(n,) int64 dataset index row of each clustered row (assignments order)."""
+    import pyarrow.parquet as pq
+
+    path = _ws(root).dir("clusters", clustering_id, "assignments.parquet")
+    return pq.read_table(path, columns=["row"]).column("row").to_numpy()
+
+
+def preview(root: str, clustering_id: str, steps: list[tuple[str, dict[str, Any]]], fraction_of: str) -> Any:
+    """Run a chain on the cached context (not cached itself: a re-plan costs milliseconds)."""
+    from core.prune import run_chain
+
+    return run_chain(prune_context(root, clustering_id), steps, fraction_of=fraction_of)
+
+
+def eps_curve(root: str, clustering_id: str, order: str, eps: tuple[float, ...]) -> pd.DataFrame:
+    """SemDeDup's eps -> kept curve on the clustering (one pass over the embeddings, then cached)."""
+    from core.prune.semdedup import semdedup_plan
+
+    return semdedup_plan(prune_context(root, clustering_id), order).curve(list(eps))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def prunings(root: str) -> pd.DataFrame:
+    """Registered prunings, newest first (id, methods, n_in, n_kept, manifest_path, config_json, created_at)."""
+    from core.prune.manifest import list_prunings
+
+    return list_prunings(_ws(root))
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def pruning_kept(root: str, pruning_id: str) -> pd.DataFrame:
+    """``id, kept, cluster`` of a manifest (every input row)."""
+    from core.prune.manifest import load_manifest
+
+    return load_manifest(_ws(root), pruning_id, columns=["id", "kept", "cluster"])
+
+
+def truth_categories(root: str, dataset: str) -> pd.Series | None:
+    """The pool's ground-truth category per index row (demo-style truth columns), or None."""
+    from core.demo.truth import has_truth
+    from core.demo.truth import truth_categories as categories
+
+    index = dataset_handle(root, dataset).index
+    return categories(index) if has_truth(index) else None
+
+
+def save_pruning(root: str, clustering_id: str, steps: list[tuple[str, dict[str, Any]]], fraction_of: str,
+                 pruning_id: str | None) -> Any:
+    """Write and register the manifest of a chain (a short synchronous stage; reused when it exists)."""
+    from core.prune.manifest import PruneConfig, run_pruning
+
+    cfg = PruneConfig(clustering_id=clustering_id, chain=steps, fraction_of=fraction_of, pruning_id=pruning_id or None)
+    info = run_pruning(_ws(root), cfg)
+    prunings.clear()
+    return info
+
+
+@st.cache_data(show_spinner=False)
+def semdedup_reference() -> pd.DataFrame:
+    """Published SemDeDup eps -> fraction kept on LAION-440M (``data/semdedup_laion440m.csv``)."""
+    from core.reference import read_table
+
+    return read_table("semdedup_laion440m.csv")

@@ -139,3 +139,61 @@ def _tile(root: str, dataset: str, row: Mapping[str, Any]) -> None:
         st.text(shorten(caption) if caption else "(no caption)")
         if row.get("note"):
             st.text(shorten(row["note"], 60))
+
+
+#: Parameters whose useful values span decades: drawn as a slider over these steps (log-spaced).
+LOG_STEPS: dict[str, tuple[float, ...]] = {
+    "eps": (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 0.00095, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.124,
+            0.165, 0.205, 0.26, 0.3),
+}
+
+
+def param_form(params: Any, *, key: str, skip: tuple[str, ...] = (), defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One widget per registry ParamSpec (slider, number, choice, toggle); returns ``{name: value}``.
+
+    Widget ``f"{key}_{name}"`` starts at the spec's default unless its session key is already set (a
+    page may pre-fill it, e.g. from a saved config). A parameter whose default is None and that is not
+    required gets a toggle ``f"{key}_{name}_on"``; off means None (the method then uses its other
+    option, e.g. clip_score's threshold vs keep_fraction). Labels are the specs' names (code-defined,
+    never user data).
+    """
+    out: dict[str, Any] = {}
+    for spec in params:
+        if spec.name in skip:
+            continue
+        default = (defaults or {}).get(spec.name, spec.default)
+        wkey = f"{key}_{spec.name}"
+        if default is None and not spec.required:
+            st.session_state.setdefault(wkey + "_on", False)
+            if not st.toggle(f"set {spec.name}", key=wkey + "_on", help=spec.help):
+                out[spec.name] = None
+                continue
+            default = spec.min if spec.min is not None else 0
+        out[spec.name] = _param_widget(spec, default, wkey)
+    return out
+
+
+def _param_widget(spec: Any, default: Any, key: str) -> Any:
+    """The widget of one spec; its session value is seeded with ``default`` (made valid for the widget)."""
+    if spec.kind == "choice":
+        st.session_state.setdefault(key, default)
+        return st.selectbox(spec.name, list(spec.choices), key=key, help=spec.help)
+    if spec.kind == "bool":
+        st.session_state.setdefault(key, bool(default))
+        return st.toggle(spec.name, key=key, help=spec.help)
+    if spec.kind == "float" and spec.name in LOG_STEPS:
+        steps = LOG_STEPS[spec.name]
+        current = st.session_state.get(key, default)
+        st.session_state[key] = min(steps, key=lambda v: abs(v - float(current if current is not None else default)))
+        return st.select_slider(spec.name, options=list(steps), key=key, help=spec.help, format_func=lambda v: f"{v:g}")
+    if spec.kind == "float" and spec.min is not None and spec.max is not None:
+        st.session_state.setdefault(key, float(default))
+        return st.slider(spec.name, float(spec.min), float(spec.max), step=(spec.max - spec.min) / 100, key=key,
+                         help=spec.help)
+    if spec.kind in ("int", "float"):
+        cast = int if spec.kind == "int" else float
+        st.session_state.setdefault(key, cast(default))
+        return st.number_input(spec.name, min_value=None if spec.min is None else cast(spec.min),
+                               max_value=None if spec.max is None else cast(spec.max), key=key, help=spec.help)
+    st.session_state.setdefault(key, "" if default is None else str(default))
+    return st.text_input(spec.name, key=key, help=spec.help) or None

@@ -214,6 +214,30 @@ def stage_maps(ctx: DemoContext) -> str:
     return f"maps of pool.demo-clip: {counts['computed']} computed, {counts['cached']} cached"
 
 
+#: SemDeDup's eps for the demo encoder. The 7 M-parameter demo CLIP maps images of one concept to
+#: nearly the same vector (median cosine to the nearest earlier cluster member 0.996), so the eps of
+#: real CLIP embeddings (0.03-0.1) would remove most of the pool; 2e-4 separates the planted exact
+#: duplicates (cosine 1) from distinct images (see the Pruning page's eps curve).
+DEMO_SEMDEDUP_EPS = 2e-4
+#: The demo's prunings: a random baseline, then SemDeDup followed by DBP (the DBP paper's chain).
+DEMO_PRUNINGS: tuple[tuple[str, tuple[tuple[str, dict[str, Any]], ...]], ...] = (
+    ("pool.random-50", (("random", {"keep_fraction": 0.5}),)),
+    ("pool.semdedup-dbp-50", (("semdedup", {"eps": DEMO_SEMDEDUP_EPS}), ("dbp", {"keep_fraction": 0.5}))),
+)
+
+
+def stage_prune(ctx: DemoContext) -> str:
+    """Manifests of the demo's prunings (reused when complete), judged against the pool's ground truth."""
+    from core.prune.manifest import PruneConfig, run_pruning
+
+    done = []
+    for pruning_id, chain in DEMO_PRUNINGS:
+        info = run_pruning(ctx.ws, PruneConfig(clustering_id="pool.demo-clip", chain=chain, seed=ctx.seed,
+                                               pruning_id=pruning_id))
+        done.append(f"{info.id} keeps {info.n_kept} of {info.n_in}")
+    return "; ".join(done)
+
+
 STAGES: list[tuple[str, Stage]] = [
     ("generate", stage_generate),
     ("register", stage_register),
@@ -223,6 +247,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("zeroshot", stage_zeroshot),
     ("cluster", stage_cluster),
     ("maps", stage_maps),
+    ("prune", stage_prune),
 ]
 
 
