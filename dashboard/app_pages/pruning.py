@@ -91,10 +91,13 @@ def _set_params(prefix: str, params: dict[str, Any]) -> None:
 
 def _chain_form(mine: pd.DataFrame) -> tuple[list[tuple[str, dict[str, Any]]], str]:
     methods = _methods()
+    first_visit = not st.session_state.get(KEY + "ready")
+    st.session_state[KEY + "ready"] = True
     if not mine.empty:
-        if KEY + "start" not in st.session_state:  # first visit: start from the newest saved pruning
+        if first_visit or st.session_state.get(KEY + "start") not in set(mine["id"]):
             st.session_state[KEY + "start"] = mine["id"].iloc[0]
-            _apply_saved(mine)
+            if first_visit:  # start from the newest saved pruning; later saves leave the form alone
+                _apply_saved(mine)
         st.selectbox("Start from a saved pruning", mine["id"].tolist(), key=KEY + "start", on_change=_apply_saved,
                      args=(mine,), help="fills the form with that manifest's chain")
     steps: list[tuple[str, dict[str, Any]]] = []

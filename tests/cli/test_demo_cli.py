@@ -190,3 +190,56 @@ def test_most_demo_cluster_labels_name_their_planted_concept(demo_ws):
     majority = assignments.dropna(subset=["concept"]).groupby("cluster")["concept"].agg(lambda s: s.mode()[0])
     named = [set(concept.split()) <= set(labels[c].split()) for c, concept in majority.items()]
     assert sum(named) > len(named) / 2, list(zip(majority, labels[majority.index], strict=True))
+
+
+def test_demo_vocabulary_names_match_the_planted_concept(demo_ws):
+    ws, _, _ = demo_ws
+    from core.clustering import cluster_composition
+    from core.datasets import open_dataset
+
+    w = Workspace(ws, create=False)
+    majority = cluster_composition(w, "pool.demo-clip", open_dataset(w, "pool").index["concept_name"])
+    majority = majority.groupby("cluster").first()["value"]
+    names = w.catalog.query("SELECT cluster, vocab_label FROM clusters WHERE clustering_id = 'pool.demo-clip'")
+    best = names.set_index("cluster")["vocab_label"].str.split(", ").str[0]
+    assert (best.loc[majority.index] == majority).mean() > 0.5
+
+
+def test_demo_maps_and_search(demo_ws, cli):
+    ws, out, _ = demo_ws
+    maps = list((Path(ws) / "clusters" / "pool.demo-clip" / "maps").rglob("*.parquet"))
+    assert len(maps) == 25 and "[maps]" in out  # the centroids + 24 clusters
+    proc = cli("search", "pool.demo-clip", "a purple star", "--top", "5", workspace=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "nearest clusters" in proc.stdout and "nearest samples" in proc.stdout
+
+
+def test_demo_semdedup_removes_planted_exact_duplicates_and_keeps_the_rest(demo_ws):
+    ws, _, _ = demo_ws
+    import numpy as np
+
+    from core.demo.pipeline import DEMO_SEMDEDUP_EPS
+    from core.demo.truth import kept_by_truth, truth_categories
+    from core.prune import PruneContext, select
+
+    w = Workspace(ws, create=False)
+    from core.clustering import load_assignments
+    from core.datasets import open_dataset
+
+    ctx = PruneContext.from_clustering(w, "pool.demo-clip")
+    sel = select(ctx, "semdedup", eps=DEMO_SEMDEDUP_EPS)
+    kept = np.zeros(ctx.n, bool)
+    kept[sel.kept] = True
+    rows = load_assignments(w, "pool.demo-clip")["row"].to_numpy()
+    table = kept_by_truth(truth_categories(open_dataset(w, "pool").index), rows, kept).set_index("category")
+    assert table.loc["exact duplicate", "fraction_kept"] <= 0.10
+    others = table.drop(index=["exact duplicate", "near duplicate"])
+    assert others["kept"].sum() / others["n"].sum() >= 0.95
+
+
+def test_demo_prunings_are_registered(demo_ws, cli):
+    ws, out, _ = demo_ws
+    df = Workspace(ws, create=False).catalog.query("SELECT id, methods, n_in, n_kept FROM prunings ORDER BY id")
+    assert df["id"].tolist() == ["pool.random-50", "pool.semdedup-dbp-50"]
+    assert df.set_index("id").loc["pool.semdedup-dbp-50", "methods"] == "semdedup>dbp"
+    assert (df["n_kept"] < df["n_in"]).all() and "[prune]" in out
