@@ -49,15 +49,31 @@ def validate_embeddings(X: np.ndarray, *, expected_dim: int | None = None) -> tu
     if n == 0 or d == 0:
         raise DataError(f"embeddings are empty (shape {tuple(X.shape)})")
     Xn = np.array(X, dtype=np.float32, copy=True, order="C")
-    finite = np.isfinite(Xn).all(axis=1)
-    Xn[~finite] = 0.0
-    norms = np.linalg.norm(Xn, axis=1)
-    valid = finite & (norms > _MIN_NORM)
-    Xn[~valid] = 0.0
-    Xn[valid] /= norms[valid, None]
+    norms = _row_norms(Xn)
+    valid = np.isfinite(norms) & (norms > _MIN_NORM)
+    if valid.all():  # the common case: one in-place divide, no masked copies
+        Xn /= norms[:, None]
+    else:
+        Xn[~valid] = 0.0
+        np.divide(Xn, norms[:, None], out=Xn, where=valid[:, None])
     if not valid.all():
         log.info("%d of %d embedding rows are invalid (non-finite or zero norm)", int((~valid).sum()), n)
     return Xn, valid
+
+
+def _row_norms(X: np.ndarray) -> np.ndarray:
+    """(N,) float32 L2 norms; NaN for a row holding a NaN or an infinity.
+
+    Squared norms come from one einsum pass; a row whose square overflows float32 while all its values
+    are finite (|x| > ~1e19) is measured again in float64 so it still counts as valid.
+    """
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))
+    odd = np.flatnonzero(~np.isfinite(norms))
+    if len(odd):
+        rows = X[odd]
+        ok = np.isfinite(rows).all(axis=1)
+        norms[odd] = np.where(ok, np.linalg.norm(rows.astype(np.float64), axis=1), np.nan)
+    return norms
 
 
 def _resolve_gpu(gpu: bool | None) -> bool:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from core import atomic
 from core.cluster import assign, cluster_stats, fit_centroids, validate_embeddings
 from core.errors import ConfigError, DataError, MissingFileError
-from core.store.catalog import utcnow
+from core.store.catalog import insert_rows, utcnow
 from core.workspace import Workspace, validate_name
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _assign_all(shards: Any, centroids: np.ndarray) -> tuple[pa.Table, dict[str,
     ids_out, rows_out, lab_out, dist_out, bad = [], [], [], [], 0
     for ids, rows, X in shards:
         Xn, valid = validate_embeddings(np.asarray(X), expected_dim=centroids.shape[1])
-        lab, dist = assign(Xn[valid], centroids)
+        lab, dist = assign(Xn if valid.all() else Xn[valid], centroids)
         ids_out.append(ids[valid])
         rows_out.append(rows[valid])
         lab_out.append(lab)
@@ -227,11 +227,10 @@ def _register(ws: Workspace, cfg: ClusterConfig, folder: Path, stats: pd.DataFra
         con.execute("DELETE FROM clusters WHERE clustering_id = ?", [cfg.id])
         con.execute("INSERT INTO clusterings VALUES (?, ?, ?, ?, ?, ?)",
                     [cfg.id, cfg.embedding_set, cfg.k, cfg.seed, ws.rel(folder), utcnow()])
-        con.executemany(
-            "INSERT INTO clusters (clustering_id, cluster, size, d_intra, d_inter, complexity, label, vocab_label, "
-            "vocab_score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [[cfg.id, int(r["cluster"]), int(r["size"]), r["d_intra"], r["d_inter"], r["complexity"], r["label"],
-              r.get("vocab_label"), r.get("vocab_score")] for r in rows])
+        insert_rows(con, "clusters", [
+            {"clustering_id": cfg.id, "cluster": int(r["cluster"]), "size": int(r["size"]), "d_intra": r["d_intra"],
+             "d_inter": r["d_inter"], "complexity": r["complexity"], "label": r["label"],
+             "vocab_label": r.get("vocab_label"), "vocab_score": r.get("vocab_score")} for r in rows])
 
 
 def _info(ws: Workspace, cfg: ClusterConfig, folder: Path, meta: dict[str, Any]) -> ClusteringInfo:

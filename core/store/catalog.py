@@ -208,17 +208,44 @@ class Catalog:
         with self.connect() as con:
             if replace_where:
                 con.execute(f"DELETE FROM {table} WHERE {replace_where}", list(replace_params or []))
-            if not rows:
-                return 0
-            cols = list(rows[0])
-            for col in cols:
-                _check_identifier(col)
-            placeholders = ", ".join("?" for _ in cols)
-            con.executemany(
-                f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({placeholders})",
-                [[row[c] for c in cols] for row in rows],
-            )
+            return insert_rows(con, table, rows)
+
+
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert rows (dicts with the same keys) on an open connection (inside the caller's transaction)."""
+    _check_identifier(table)
+    if not rows:
+        return 0
+    cols = list(rows[0])
+    for col in cols:
+        _check_identifier(col)
+    if len(rows) >= _BULK_ROWS and _insert_arrow(con, table, cols, rows):
         return len(rows)
+    placeholders = ", ".join("?" for _ in cols)
+    con.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({placeholders})",
+                    [[row[c] for c in cols] for row in rows])
+    return len(rows)
+
+
+#: From this many rows on, :meth:`Catalog.insert` goes through one Arrow scan instead of executemany
+#: (1000 cluster rows: ~1 s with executemany, ~10 ms through Arrow).
+_BULK_ROWS = 200
+
+
+def _insert_arrow(con: duckdb.DuckDBPyConnection, table: str, cols: list[str], rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Insert through an Arrow table (None stays NULL); False when the values do not convert."""
+    import pyarrow as pa
+
+    try:
+        data = pa.table({c: pa.array([row[c] for row in rows]) for c in cols})
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+    con.register("_prunescope_rows", data)
+    try:
+        con.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM _prunescope_rows")
+    finally:
+        con.unregister("_prunescope_rows")
+    return True
 
 
 def _read_version(con: duckdb.DuckDBPyConnection) -> int:

@@ -217,3 +217,10 @@ def test_fit_gpu_true_without_gpu_is_config_error(monkeypatch):
     monkeypatch.setattr(cl.faiss, "get_num_gpus", lambda: 0)
     with pytest.raises(ConfigError, match="no GPU"):
         fit_centroids(unit_rows(np.random.default_rng(13), 10, 4), 2, gpu=True)
+
+
+def test_validate_keeps_rows_whose_squares_overflow_float32():
+    X = np.array([[3e19, 4e19], [np.inf, 1.0], [0.6, 0.8]], dtype=np.float32)
+    Xn, valid = validate_embeddings(X)
+    assert valid.tolist() == [True, False, True]
+    assert np.allclose(Xn[0], [0.6, 0.8]) and np.allclose(Xn[2], [0.6, 0.8]) and not Xn[1].any()

@@ -114,3 +114,25 @@ def test_lock_held_too_long_raises_catalog_locked(tmp_path):
         assert time.monotonic() - t0 < 2.5
     finally:
         proc.wait()
+
+
+@pytest.mark.parametrize("n", [3, 500])  # executemany below the bulk threshold, one Arrow scan above it
+def test_insert_keeps_nulls_and_values_on_both_paths(tmp_path, n):
+    cat = Catalog(tmp_path / "c.duckdb")
+    cat.migrate()
+    rows = [{"clustering_id": "c", "cluster": i, "size": i * 2, "d_intra": None if i % 2 else i / 10,
+             "d_inter": 0.5, "complexity": 0.25, "label": None if i % 3 else f"l{i}"} for i in range(n)]
+    assert cat.insert("clusters", rows) == n
+    df = cat.query("SELECT * FROM clusters ORDER BY cluster")
+    assert df["size"].tolist() == [i * 2 for i in range(n)]
+    assert df["d_intra"].isna().tolist() == [bool(i % 2) for i in range(n)]
+    assert df["label"].isna().tolist() == [bool(i % 3) for i in range(n)]
+    assert df["vocab_label"].isna().all()
+
+
+def test_bulk_insert_falls_back_when_a_column_mixes_types(tmp_path):
+    cat = Catalog(tmp_path / "c.duckdb")
+    cat.migrate()
+    rows = [{"clustering_id": "c", "cluster": i, "size": 1, "label": "x" if i % 2 else 7} for i in range(300)]
+    assert cat.insert("clusters", rows) == 300
+    assert set(cat.query("SELECT label FROM clusters")["label"]) == {"x", "7"}
