@@ -258,6 +258,79 @@ def clusterings(workspace: WorkspaceOpt = None) -> None:
     _print_table(list_clusterings(_ws(workspace)).drop(columns=["created_at"]))
 
 
+def _parse_step(text: str) -> tuple[str, dict[str, str]]:
+    """``semdedup:eps=0.05,order=hard`` -> ("semdedup", {"eps": "0.05", "order": "hard"}) (the registry coerces)."""
+    name, _, rest = text.partition(":")
+    params: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            from core.errors import ConfigError
+
+            raise ConfigError(f"step parameter {item!r} is not key=value", hint="e.g. --step dbp:keep_fraction=0.5,tau=0.5")
+        params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+@app.command()
+def prune(
+    clustering: Annotated[str, typer.Argument(help="a clustering (see `prunescope clusterings`)")],
+    step: Annotated[list[str], typer.Option("--step", help="METHOD[:key=value,...], repeatable, run in order "
+                                                           "(e.g. --step semdedup:eps=0.05 --step dbp:keep_fraction=0.5)")],
+    fraction_of: Annotated[str, typer.Option(help="a step's keep_fraction is of its input | of the pool")] = "input",
+    seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+    pruning_id: Annotated[str | None, typer.Option("--id", help="name of the manifest")] = None,
+    replace: Annotated[bool, typer.Option(help="recompute an existing manifest")] = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Prune a clustering with a chain of methods; writes manifests/<id>.parquet (kept + removed with reasons)."""
+    from core.prune.manifest import PruneConfig, run_pruning
+
+    cfg = PruneConfig(clustering_id=clustering, chain=[_parse_step(s) for s in step], seed=seed,
+                      fraction_of=fraction_of, pruning_id=pruning_id)
+    info = run_pruning(_ws(workspace), cfg, replace=replace)
+    typer.echo(f"pruning {info.id}: kept {info.n_kept:,} of {info.n_in:,} ({info.n_kept / max(info.n_in, 1):.1%})")
+    for reason, count in sorted(info.meta.get("removed_by_reason", {}).items()):
+        if count:
+            typer.echo(f"  removed {count:,}: {reason}")
+    typer.echo(f"manifest: {info.manifest_path}")
+
+
+@app.command()
+def prunings(workspace: WorkspaceOpt = None) -> None:
+    """List saved prunings (manifests)."""
+    from core.prune.manifest import list_prunings
+
+    _print_table(list_prunings(_ws(workspace))[["id", "methods", "n_in", "n_kept"]])
+
+
+@app.command()
+def methods() -> None:
+    """List the pruning methods and their parameters."""
+    from core.prune import METHODS
+
+    for entry in METHODS:
+        typer.echo(f"{entry.name}: {entry.summary}" + (f" [{entry.paper}]" if entry.paper else ""))
+        for p in entry.params:
+            rng = f" [{p.min}, {p.max}]" if p.min is not None or p.max is not None else ""
+            choices = f" one of {', '.join(map(str, p.choices))}" if p.choices else ""
+            typer.echo(f"    {p.name} ({p.kind}, default {p.default}){rng}{choices}: {p.help}")
+
+
+@app.command()
+def export(
+    pruning: Annotated[str, typer.Argument(help="a saved pruning (see `prunescope prunings`)")],
+    out: Annotated[Path, typer.Option(help="file to write")],
+    fmt: Annotated[str, typer.Option("--format", help="ids | datacomp | wds_keys")] = "ids",
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Export a manifest's kept ids: a plain id list, a DataComp subset .npy, or webdataset keys."""
+    from core.prune.manifest import export_manifest
+
+    path = export_manifest(_ws(workspace), pruning, fmt, out)
+    typer.echo(f"wrote {path}")
+
+
 @embeddings_app.command("list")
 def embeddings_list(workspace: WorkspaceOpt = None) -> None:
     """List embedding sets."""

@@ -1,0 +1,52 @@
+"""Chains: each step sees the previous step's kept rows; reasons name the step; original positions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.errors import ConfigError, UnknownName
+from core.prune import run_chain, select
+
+
+def test_semdedup_then_dbp(planted):
+    ctx = planted.context()
+    chain = run_chain(ctx, [("semdedup", {"eps": 0.05}), ("dbp", {"keep_fraction": 0.5, "tau": 0.3})])
+    dedup = select(planted.context(), "semdedup", eps=0.05)
+    dbp = select(ctx.subset(dedup.kept), "dbp", keep_fraction=0.5, tau=0.3)
+    assert (chain.kept == dbp.kept).all()  # positions relative to the original pool
+    assert len(chain.kept) == round(0.5 * len(dedup.kept))
+    assert np.sort(np.concatenate([chain.kept, chain.removed])).tolist() == list(range(ctx.n))
+    by_step = {0: set(dedup.removed.tolist()), 1: set(dbp.removed.tolist())}
+    for step, reason in ((0, "semdedup:duplicate"), (1, "dbp:over_quota")):
+        rows = chain.removed[chain.step == step]
+        assert set(rows.tolist()) == by_step[step]
+        assert set(chain.reasons[chain.step == step]) == {reason}
+    dup = chain.step == 0  # refs of duplicates are original positions of the member they duplicate
+    assert np.allclose((planted.X[chain.removed[dup]] * planted.X[chain.ref[dup]]).sum(1), chain.score[dup], atol=1e-5)
+    assert chain.method == "semdedup>dbp" and [m for m, _ in chain.chain] == ["semdedup", "dbp"]
+    assert chain.chain[1][1]["keep_fraction"] == 0.5 and chain.params["fraction_of"] == "input"
+    pc = chain.per_cluster
+    assert (pc["step1_removed"] + pc["step2_removed"] == pc["removed"]).all() and "step2_quota" in pc
+
+
+def test_fractions_of_the_pool(planted):
+    ctx = planted.context()
+    chain = run_chain(ctx, [("semdedup", {"eps": 0.05}), ("ssp", {"keep_fraction": 0.4})], fraction_of="pool")
+    assert len(chain.kept) == round(0.4 * ctx.n)
+    ran = chain.chain[1][1]["keep_fraction"]
+    assert ran > 0.4 and chain.params["chain"][1] == ["ssp", {"keep_fraction": 0.4}]
+    with pytest.raises(ConfigError, match="step 2 \\(random\\).*rows reach this step"):
+        run_chain(ctx, [("random", {"keep_fraction": 0.3}), ("random", {"keep_fraction": 0.5})], fraction_of="pool")
+
+
+def test_chain_errors(planted):
+    ctx = planted.context()
+    with pytest.raises(UnknownName):
+        run_chain(ctx, [("semdedup", {}), ("dpb", {})])
+    with pytest.raises(ConfigError, match="at least one step"):
+        run_chain(ctx, [])
+    with pytest.raises(ConfigError, match="fraction_of"):
+        run_chain(ctx, ["random"], fraction_of="total")
+    single = run_chain(ctx, ["random"])
+    assert (single.kept == select(ctx, "random").kept).all() and single.method == "random"
