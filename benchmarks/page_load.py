@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,6 +90,29 @@ def load(page: object, url: str, timeout_s: float) -> tuple[float, float]:
     return first, done
 
 
+def slider_round_trips(page: Any, n: int, timeout_s: float) -> list[tuple[str, float, str]]:
+    """Move the page's first slider (the Pruning page's eps) one step at a time; each row is the time
+    from the key press to the re-planned page (the "Kept" metric changed and the script finished)."""
+    slider = page.locator('[data-testid="stSlider"] [role="slider"]').first
+    rows = []
+    for i in range(n):
+        before = page.locator('[data-testid="stMetricValue"]').nth(1).inner_text()
+        key = "ArrowLeft" if i % 2 else "ArrowRight"
+        slider.focus()
+        t0 = time.perf_counter()
+        page.keyboard.press(key)
+        page.wait_for_function(
+            """b => { const m = document.querySelectorAll('[data-testid="stMetricValue"]');
+                      return m.length > 1 && m[1].innerText !== b
+                             && !document.querySelector('[data-testid="stStatusWidget"]'); }""",
+            arg=before, timeout=timeout_s * 1000, polling="raf")
+        after = page.locator('[data-testid="stMetricValue"]').nth(1).inner_text()
+        replan = page.locator('[data-testid="stMetricValue"]').nth(3).inner_text()
+        rows.append((f"slider round trip {i + 1} ({key})", time.perf_counter() - t0,
+                     f"kept {before} -> {after}; server re-plan {replan}"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workspace", type=Path)
@@ -97,6 +121,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3, help="warm reloads after the cold one")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--shot", type=Path, default=None, help="save a full-page screenshot here")
+    ap.add_argument("--round-trips", type=int, default=0, help="slider moves to time after the loads")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -114,6 +139,8 @@ def main() -> None:
                 label = "cold load" if i == 0 else f"warm load {i}"
                 rows.append((f"{label}: first chart", first, ""))
                 rows.append((f"{label}: page finished", done, ""))
+            if args.round_trips:
+                rows += slider_round_trips(page, args.round_trips, args.timeout)
             if args.shot:
                 page.screenshot(path=str(args.shot), full_page=True)
             browser.close()

@@ -148,7 +148,7 @@ def _transform(model: Any, X: np.ndarray) -> np.ndarray:
 
 
 def umap_2d(X: Any, *, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1,
-            fit_sample: int = 5000, metric: str = "cosine") -> np.ndarray:
+            fit_sample: int = 10_000, metric: str = "cosine") -> np.ndarray:
     """2-D UMAP layout of the rows of X, deterministic for a given seed.
 
     UMAP is fitted on all rows when n <= ``fit_sample``, else on ``fit_positions(n, fit_sample, seed)``
@@ -206,7 +206,7 @@ class MapConfig:
     n_neighbors: int = 15
     min_dist: float = 0.1
     seed: int = 0
-    fit_sample: int = 5000
+    fit_sample: int = 10_000
     metric: str = "cosine"
 
     def __post_init__(self) -> None:

@@ -243,3 +243,23 @@ def test_demo_prunings_are_registered(demo_ws, cli):
     assert df["id"].tolist() == ["pool.random-50", "pool.semdedup-dbp-50"]
     assert df.set_index("id").loc["pool.semdedup-dbp-50", "methods"] == "semdedup>dbp"
     assert (df["n_kept"] < df["n_in"]).all() and "[prune]" in out
+
+
+def test_prune_and_export_commands(demo_ws, cli, tmp_path):
+    ws, _, _ = demo_ws
+    proc = cli("prune", "pool.demo-clip", "--step", "semdedup:eps=0.0002", "--step", "ssp:keep_fraction=0.25",
+               "--id", "cli-ssp", workspace=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "pruning cli-ssp: kept" in proc.stdout and "semdedup:duplicate" in proc.stdout
+    out = tmp_path / "kept.txt"
+    proc = cli("export", "cli-ssp", "--out", str(out), workspace=ws)
+    assert proc.returncode == 0, proc.stderr
+    kept = out.read_text().split()
+    manifest = pd.read_parquet(Path(ws) / "manifests" / "cli-ssp.parquet")
+    assert sorted(kept) == sorted(manifest.loc[manifest["kept"], "id"])
+    assert "cli-ssp" in cli("prunings", workspace=ws).stdout
+    bad = cli("export", "cli-ssp", "--out", str(out), "--format", "datacomp", workspace=ws)
+    assert bad.returncode == 3 and "DataComp uid" in bad.stderr
+    bad = cli("prune", "pool.demo-clip", "--step", "dbp:keep_fraction", workspace=ws)
+    assert bad.returncode == 2 and "key=value" in bad.stderr
+    assert "semdedup" in cli("methods").stdout
