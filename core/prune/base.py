@@ -280,11 +280,29 @@ class PruneContext:
                    max_chunk_bytes=max_chunk_bytes, workers=workers)
 
     def subset(self, rows: np.ndarray) -> PruneContext:
-        """The same context restricted to ``rows`` (original positions, a subset of the active rows)."""
-        rows = np.unique(np.asarray(rows, dtype=np.int64))
-        if len(rows) and not np.isin(rows, self.rows, assume_unique=True).all():
+        """The same context restricted to ``rows`` (original positions, a subset of the active rows).
+
+        A Selection's ``kept`` (sorted, unique) is taken as is; the subset derives its hard/easy cluster
+        grouping from this context's in O(n) (filtering a sorted order keeps it sorted), so a chain's
+        later steps need no new sort.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
+            rows = np.unique(rows)
+        if len(rows) and not self._has_rows(rows):
             raise DataError("a subset's rows must be active rows of the context it restricts")
-        return replace(self, rows=rows, cache={})
+        cache = {("parent_grouped", key[1]): value for key, value in self.cache.items()
+                 if key[0] == "grouped" and key[1] != "random"}
+        return replace(self, rows=rows, cache=cache)
+
+    def _has_rows(self, rows: np.ndarray) -> bool:
+        """Whether sorted ``rows`` are all active rows of this context."""
+        if rows[0] < 0 or rows[-1] >= self.n:
+            return False
+        if len(self.rows) == self.n:  # every row is active
+            return True
+        at = np.searchsorted(self.rows, rows)
+        return bool((at < len(self.rows)).all() and (self.rows[np.minimum(at, len(self.rows) - 1)] == rows).all())
 
     # -- views -------------------------------------------------------------------------------------
     @property
@@ -321,6 +339,8 @@ class PruneContext:
         if order not in ORDERS:
             raise ConfigError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
         key = ("grouped", order)
+        if key not in self.cache and ("parent_grouped", order) in self.cache:
+            self.cache[key] = self._filtered_grouping(*self.cache[("parent_grouped", order)])
         if key not in self.cache:
             labels = self.labels[self.rows]
             if order == "random":
@@ -332,6 +352,23 @@ class PruneContext:
             self.cache[key] = (self.rows[perm], bounds)
         grouped: tuple[np.ndarray, np.ndarray] = self.cache[key]
         return grouped
+
+    def _filtered_grouping(self, positions: np.ndarray, _bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A parent's grouping restricted to this context's rows: O(n), no sort."""
+        member = np.zeros(self.n, dtype=bool)
+        member[self.rows] = True
+        kept = positions[member[positions]]
+        counts = np.bincount(self.labels[kept], minlength=self.k)
+        return kept, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def row_index(self) -> np.ndarray:
+        """(n,) int64 index of each original position in ``rows`` (-1 for inactive rows), cached."""
+        if "row_index" not in self.cache:
+            inv = np.full(self.n, -1, dtype=np.int64)
+            inv[self.rows] = np.arange(len(self.rows), dtype=np.int64)
+            self.cache["row_index"] = inv
+        index: np.ndarray = self.cache["row_index"]
+        return index
 
     def load_embeddings(self, positions: np.ndarray) -> np.ndarray:
         """(len(positions), D) float32 unit rows; DataError naming a NaN/inf/zero row."""

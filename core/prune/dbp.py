@@ -202,7 +202,7 @@ class DBPPlan:
         stats = cluster_stats(ctx.labels[ctx.rows], ctx.dist[ctx.rows], ctx.centroids, n_neighbors=n_neighbors)
         sizes = np.diff(bounds)
         rank = np.arange(len(positions), dtype=np.int64) - np.repeat(bounds[:-1], sizes)
-        return cls(order, positions, bounds, rank, np.searchsorted(ctx.rows, positions), stats)
+        return cls(order, positions, bounds, rank, ctx.row_index()[positions], stats)
 
     @property
     def sizes(self) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.errors import ConfigError, UnknownName
+from core.errors import ConfigError, DataError, UnknownName
 from core.prune import run_chain, select
 
 
@@ -50,3 +50,26 @@ def test_chain_errors(planted):
         run_chain(ctx, ["random"], fraction_of="total")
     single = run_chain(ctx, ["random"])
     assert (single.kept == select(ctx, "random").kept).all() and single.method == "random"
+
+
+@pytest.mark.parametrize("order", ["hard", "easy", "random"])
+def test_subset_grouping_derived_from_the_parent_equals_a_fresh_sort(order):
+    from dataclasses import replace
+
+    from core.prune import PruneContext
+
+    rng = np.random.default_rng(0)
+    n, k = 500, 7
+    dist = rng.random(n).astype(np.float32)
+    dist[::10] = dist[1::10]  # ties, broken by position
+    ctx = PruneContext.from_arrays([f"r{i}" for i in range(n)], rng.integers(0, k, n), dist,
+                                   np.eye(k, 8, dtype=np.float32), seed=3)
+    ctx.grouped(order)
+    rows = np.sort(rng.choice(n, 300, replace=False))
+    sub = ctx.subset(rows)
+    derived = sub.grouped(order)
+    fresh = replace(sub, cache={}).grouped(order)
+    assert np.array_equal(derived[0], fresh[0]) and np.array_equal(derived[1], fresh[1])
+    outside = int(np.setdiff1d(np.arange(n), rows)[0])
+    with pytest.raises(DataError, match="active rows"):
+        sub.subset(np.array(sorted([int(rows[-1]), outside])))
