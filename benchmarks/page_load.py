@@ -90,10 +90,11 @@ def load(page: object, url: str, timeout_s: float) -> tuple[float, float]:
     return first, done
 
 
-def slider_round_trips(page: Any, n: int, timeout_s: float) -> list[tuple[str, float, str]]:
-    """Move the page's first slider (the Pruning page's eps) one step at a time; each row is the time
-    from the key press to the re-planned page (the "Kept" metric changed and the script finished)."""
-    slider = page.locator('[data-testid="stSlider"] [role="slider"]').first
+def slider_round_trips(page: Any, n: int, timeout_s: float, index: int) -> list[tuple[str, float, str]]:
+    """Move the page's ``index``-th slider one step at a time (on the Pruning page: 0 = SemDeDup's eps,
+    1 = DBP's keep_fraction); each row is the time from the key press to the re-planned page (the
+    "Kept" metric changed and the script finished). Pick a slider whose step changes what is kept."""
+    slider = page.get_by_role("slider").nth(index)
     rows = []
     for i in range(n):
         before = page.locator('[data-testid="stMetricValue"]').nth(1).inner_text()
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--shot", type=Path, default=None, help="save a full-page screenshot here")
     ap.add_argument("--round-trips", type=int, default=0, help="slider moves to time after the loads")
+    ap.add_argument("--slider", type=int, default=1, help="which slider to move (0-based, page order)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -140,7 +142,7 @@ def main() -> None:
                 rows.append((f"{label}: first chart", first, ""))
                 rows.append((f"{label}: page finished", done, ""))
             if args.round_trips:
-                rows += slider_round_trips(page, args.round_trips, args.timeout)
+                rows += slider_round_trips(page, args.round_trips, 120.0, args.slider)
             if args.shot:
                 page.screenshot(path=str(args.shot), full_page=True)
             browser.close()

@@ -10,6 +10,8 @@ what is left (ConfigError otherwise).
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,12 +61,38 @@ def run_chain(ctx: PruneContext, steps: Sequence[Step | str], *, fraction_of: st
         raise ConfigError(f"fraction_of must be one of {', '.join(FRACTION_OF)}; got {fraction_of!r}")
     plan = normalize_steps(steps)
     cur, results = ctx, []
+    prefix: tuple[str, ...] = ()
     for i, (name, params) in enumerate(plan):
         step_params = _step_params(i, name, params, fraction_of, ctx.n_active, cur.n_active)
-        sel = select(cur, name, **step_params)
+        prefix += (json.dumps([name, step_params], sort_keys=True, default=str),)
+        sel, cur = _cached_step(ctx, prefix, cur, name, step_params)
         results.append(sel)
-        cur = cur.subset(sel.kept)
     return _combine(ctx, results, {"chain": [[n, p] for n, p in plan], "fraction_of": fraction_of})
+
+
+#: Chain prefixes whose results a context keeps (each: a Selection and the subset its successor sees).
+STEP_CACHE_SIZE = 6
+
+
+def _cached_step(ctx: PruneContext, prefix: tuple[str, ...], cur: PruneContext, name: str,
+                 params: dict[str, Any]) -> tuple[Selection, PruneContext]:
+    """The step ending ``prefix`` and the context after it, reused when the same prefix ran on ``ctx``.
+
+    A slider on the last step (DBP's keep_fraction, tau) then re-plans only that step: the earlier
+    steps' Selections and subsets, with their cached plans (sorted groupings, DBP statistics), are
+    kept on the chain's input context (least recently used first out).
+    """
+    cache: OrderedDict[tuple[str, ...], tuple[Selection, PruneContext]] = ctx.cache.setdefault(
+        "chain_steps", OrderedDict())
+    if prefix in cache:
+        cache.move_to_end(prefix)
+        return cache[prefix]
+    sel = select(cur, name, **params)
+    out = (sel, cur.subset(sel.kept))
+    cache[prefix] = out
+    while len(cache) > STEP_CACHE_SIZE:
+        cache.popitem(last=False)
+    return out
 
 
 def _step_params(i: int, name: str, params: dict[str, Any], fraction_of: str, n_pool: int,

@@ -73,3 +73,26 @@ def test_subset_grouping_derived_from_the_parent_equals_a_fresh_sort(order):
     outside = int(np.setdiff1d(np.arange(n), rows)[0])
     with pytest.raises(DataError, match="active rows"):
         sub.subset(np.array(sorted([int(rows[-1]), outside])))
+
+
+def test_chain_steps_reused_from_the_context_cache_give_identical_results():
+    from dataclasses import replace
+
+    from core.prune import PruneContext
+
+    rng = np.random.default_rng(1)
+    n, k, d = 400, 6, 8
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    X[200:260] = X[100:160] + 1e-4  # planted near-duplicates
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    C = np.linalg.qr(rng.normal(size=(d, d)))[0][:k].astype(np.float32)
+    labels = (X @ C.T).argmax(1)
+    dist = 1 - (X * C[labels]).sum(1)
+    ctx = PruneContext.from_arrays([f"r{i}" for i in range(n)], labels, dist, C, embeddings=X)
+    chains = [[("semdedup", {"eps": 0.01}), ("dbp", {"keep_fraction": f})] for f in (0.5, 0.3, 0.5, 0.7)]
+    for chain in chains:
+        warm = run_chain(ctx, chain)
+        cold = run_chain(replace(ctx, cache={}, shared={}), chain)
+        assert np.array_equal(warm.kept, cold.kept) and np.array_equal(warm.removed, cold.removed)
+        assert np.array_equal(warm.reason, cold.reason) and np.array_equal(warm.step, cold.step)
+    assert len(ctx.cache["chain_steps"]) <= 6
