@@ -104,13 +104,17 @@ def slider_round_trips(page: Any, n: int, timeout_s: float, index: int) -> list[
         page.keyboard.press(key)
         page.wait_for_function(
             """b => { const m = document.querySelectorAll('[data-testid="stMetricValue"]');
-                      return m.length > 1 && m[1].innerText !== b
-                             && !document.querySelector('[data-testid="stStatusWidget"]'); }""",
+                      return m.length > 1 && m[1].innerText !== b; }""",
             arg=before, timeout=timeout_s * 1000, polling="raf")
+        shown = time.perf_counter() - t0
+        page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
+                               timeout=timeout_s * 1000, polling="raf")
+        done = time.perf_counter() - t0
         after = page.locator('[data-testid="stMetricValue"]').nth(1).inner_text()
         replan = page.locator('[data-testid="stMetricValue"]').nth(3).inner_text()
-        rows.append((f"slider round trip {i + 1} ({key})", time.perf_counter() - t0,
+        rows.append((f"slider round trip {i + 1} ({key}): new numbers shown", shown,
                      f"kept {before} -> {after}; server re-plan {replan}"))
+        rows.append((f"slider round trip {i + 1} ({key}): page finished", done, ""))
     return rows
 
 

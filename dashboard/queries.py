@@ -286,12 +286,23 @@ def prunings(root: str) -> pd.DataFrame:
     return list_prunings(_ws(root))
 
 
-@st.cache_data(ttl=60, show_spinner=False)
-def pruning_kept(root: str, pruning_id: str) -> pd.DataFrame:
-    """``id, kept, cluster`` of a manifest (every input row)."""
+@st.cache_data(ttl=300, max_entries=20, show_spinner=False)
+def manifest_overlap(root: str, a: str, b: str) -> tuple[dict[str, int], pd.DataFrame]:
+    """Two manifests side by side: counts (kept_a, kept_b, both, either) and, per cluster of A's
+    clustering, ``cluster, kept_a, kept_b`` (B's kept ids counted in the cluster A gives them)."""
     from core.prune.manifest import load_manifest
 
-    return load_manifest(_ws(root), pruning_id, columns=["id", "kept", "cluster"])
+    ws = _ws(root)
+    ma = load_manifest(ws, a, columns=["id", "kept", "cluster"])
+    mb = load_manifest(ws, b, columns=["id", "kept"])
+    both = ma.merge(mb.rename(columns={"kept": "kept_b"}), on="id", how="outer")
+    ka = both["kept"].fillna(False).astype(bool)
+    kb = both["kept_b"].fillna(False).astype(bool)
+    counts = {"kept_a": int(ka.sum()), "kept_b": int(kb.sum()), "both": int((ka & kb).sum()),
+              "either": int((ka | kb).sum())}
+    per = (pd.DataFrame({"cluster": both["cluster"], "kept_a": ka, "kept_b": kb}).dropna(subset=["cluster"])
+           .groupby("cluster", as_index=False)[["kept_a", "kept_b"]].sum())
+    return counts, per
 
 
 def truth_categories(root: str, dataset: str) -> pd.Series | None:

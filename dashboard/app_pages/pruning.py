@@ -183,10 +183,11 @@ def _cluster_gallery(root: str, cid: str, dataset: str, sel: Any) -> None:
     st.divider()
     st.subheader("What goes, cluster by cluster")
     per = sel.per_cluster.sort_values(["removed", "size"], ascending=False)
-    labels = queries.cluster_table(root, cid).set_index("cluster")["label"]
-    cluster = st.selectbox("Cluster", per["cluster"].astype(int).tolist(), key=KEY + "cluster",
-                           format_func=lambda c: f"{c}: {widgets.shorten(labels.get(c) or '', 40)} "
-                                                 f"({int(per.set_index('cluster').loc[c, 'removed']):,} removed)")
+    table = queries.cluster_table(root, cid)
+    names = dict(zip(table["cluster"].astype(int), table["label"].fillna(""), strict=True))
+    removed = dict(zip(per["cluster"].astype(int), per["removed"].astype(int), strict=True))
+    cluster = st.selectbox("Cluster", list(removed), key=KEY + "cluster",
+                           format_func=lambda c: f"{c}: {widgets.shorten(names.get(c, ''), 40)} ({removed[c]:,} removed)")
     ctx = queries.prune_context(root, cid)
     removed_tab, kept_tab = st.tabs(["Removed, with the reason", "Kept"])
     with removed_tab:
@@ -256,19 +257,15 @@ def _compare_section(root: str, prunings: pd.DataFrame) -> None:
     a = left.selectbox("A", ids, index=0, key=KEY + "cmp_a")
     b = right.selectbox("B", ids, index=1, key=KEY + "cmp_b")
     try:
-        ma, mb = queries.pruning_kept(root, a), queries.pruning_kept(root, b)
+        counts, per = queries.manifest_overlap(root, a, b)
     except PrunescopeError as exc:
         st.error(exc.one_line())
         return
-    ka, kb = set(ma.loc[ma["kept"], "id"]), set(mb.loc[mb["kept"], "id"])
-    both = len(ka & kb)
     cols = st.columns(4)
-    cols[0].metric("Kept by A", f"{len(ka):,}")
-    cols[1].metric("Kept by B", f"{len(kb):,}")
-    cols[2].metric("Kept by both", f"{both:,}")
-    cols[3].metric("Jaccard", f"{both / max(len(ka | kb), 1):.2f}")
-    per = (ma.groupby("cluster")["kept"].sum().rename("kept_a").to_frame()
-           .join(mb.groupby("cluster")["kept"].sum().rename("kept_b"), how="outer").fillna(0).reset_index())
+    cols[0].metric("Kept by A", f"{counts['kept_a']:,}")
+    cols[1].metric("Kept by B", f"{counts['kept_b']:,}")
+    cols[2].metric("Kept by both", f"{counts['both']:,}")
+    cols[3].metric("Jaccard", f"{counts['both'] / max(counts['either'], 1):.2f}")
     st.plotly_chart(charts.manifest_overlap(per, (a, b)), key=KEY + "compare")
 
 
