@@ -163,3 +163,23 @@ def url_workspace(tmp_path_factory: pytest.TempPathFactory):
     info = import_laion_embeddings(ws, "urlpool", model="synthetic")
     cluster_with_maps(ws, info.id, 3, "url3")
     return ws
+
+
+@pytest.fixture()
+def open_page(monkeypatch: pytest.MonkeyPatch):
+    """``open_page(page, workspace_root) -> AppTest``: the dashboard switched to ``page`` (a path under
+    ``dashboard/``, e.g. ``app_pages/clusters.py``) on that workspace, asserted free of exceptions."""
+    from streamlit.testing.v1 import AppTest
+
+    app = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+
+    def run(page: str, root: Path) -> AppTest:
+        monkeypatch.setenv("PRUNESCOPE_WORKSPACE", str(root))
+        at = AppTest.from_file(str(app), default_timeout=120)
+        at.run()
+        at.switch_page(page)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    return run

@@ -4,21 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 PAGE = "app_pages/clusters.py"
-APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
-
-
-def open_page(root: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
-    monkeypatch.setenv("PRUNESCOPE_WORKSPACE", str(root))
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.run()
-    at.switch_page(PAGE)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def texts(at: AppTest) -> list[str]:
@@ -32,8 +20,8 @@ def members_of(ws, clustering_id: str) -> dict[int, set[str]]:
     return {int(c): set(g["id"]) for c, g in a.groupby("cluster")}
 
 
-def test_page_shows_map_table_and_largest_cluster(clustered_workspace, monkeypatch):
-    at = open_page(clustered_workspace.root, monkeypatch)
+def test_page_shows_map_table_and_largest_cluster(clustered_workspace, open_page):
+    at = open_page(PAGE, clustered_workspace.root)
     assert not at.error, [e.value for e in at.error]
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Clusters"] == "3" and metrics["Members"] == "10"
@@ -46,10 +34,10 @@ def test_page_shows_map_table_and_largest_cluster(clustered_workspace, monkeypat
     assert f"Cluster {int(sizes.idxmax())}" in [h.value for h in at.subheader]
 
 
-def test_selecting_a_cluster_shows_its_own_members(clustered_workspace, monkeypatch):
+def test_selecting_a_cluster_shows_its_own_members(clustered_workspace, open_page):
     members = members_of(clustered_workspace, "web3")
     captions = {p.stem: p.with_suffix(".txt").read_text() for p in (clustered_workspace.root.parent / "src" / "web_pool").glob("*.png")}
-    at = open_page(clustered_workspace.root, monkeypatch)
+    at = open_page(PAGE, clustered_workspace.root)
     for cluster, ids in members.items():
         at.selectbox(key="clusters_cluster").set_value(cluster).run()
         assert not at.exception
@@ -67,8 +55,8 @@ def test_selecting_a_cluster_shows_its_own_members(clustered_workspace, monkeypa
                 assert captions[stem] not in shown, (cluster, stem)
 
 
-def test_gallery_shows_hostile_captions_as_plain_text(clustered_workspace, hostile_captions, monkeypatch):
-    at = open_page(clustered_workspace.root, monkeypatch)
+def test_gallery_shows_hostile_captions_as_plain_text(clustered_workspace, hostile_captions, open_page):
+    at = open_page(PAGE, clustered_workspace.root)
     seen: set[str] = set()
     for cluster in range(3):
         at.selectbox(key="clusters_cluster").set_value(cluster).run()
@@ -79,8 +67,8 @@ def test_gallery_shows_hostile_captions_as_plain_text(clustered_workspace, hosti
     assert "alert(1)" not in markdown and "evil" not in markdown
 
 
-def test_colour_by_options_and_atypical_end(clustered_workspace, monkeypatch):
-    at = open_page(clustered_workspace.root, monkeypatch)
+def test_colour_by_options_and_atypical_end(clustered_workspace, open_page):
+    at = open_page(PAGE, clustered_workspace.root)
     radio = at.radio(key="clusters_color")
     assert list(radio.options) == ["complexity", "size", "spread (d_intra)"]  # no ground truth here
     radio.set_value("size").run()
@@ -89,8 +77,8 @@ def test_colour_by_options_and_atypical_end(clustered_workspace, monkeypatch):
     assert notes, "gallery tiles carry their distance to the centroid"
 
 
-def test_text_search_lists_nearest_clusters_and_samples(clustered_workspace, monkeypatch):
-    at = open_page(clustered_workspace.root, monkeypatch)
+def test_text_search_lists_nearest_clusters_and_samples(clustered_workspace, open_page):
+    at = open_page(PAGE, clustered_workspace.root)
     at.text_input(key="clusters_query").input("a red ball on grass").run()
     assert not at.exception
     assert not at.error, [e.value for e in at.error]
@@ -101,16 +89,16 @@ def test_text_search_lists_nearest_clusters_and_samples(clustered_workspace, mon
     assert len(notes) == 10  # every sample of this 10-row pool, best first
 
 
-def test_empty_query_does_nothing_and_long_query_is_refused(clustered_workspace, monkeypatch):
-    at = open_page(clustered_workspace.root, monkeypatch)
+def test_empty_query_does_nothing_and_long_query_is_refused(clustered_workspace, open_page):
+    at = open_page(PAGE, clustered_workspace.root)
     at.text_input(key="clusters_query").input("   ").run()
     assert not at.error
     at.text_input(key="clusters_query").input("x" * 400).run()
     assert len(at.error) == 1 and "characters" in at.error[0].value
 
 
-def test_url_pool_gallery_uses_urls_and_ground_truth(url_workspace, monkeypatch):
-    at = open_page(url_workspace.root, monkeypatch)
+def test_url_pool_gallery_uses_urls_and_ground_truth(url_workspace, open_page):
+    at = open_page(PAGE, url_workspace.root)
     assert not at.exception
     radio = at.radio(key="clusters_color")
     assert "ground-truth concept" in list(radio.options)
@@ -123,7 +111,7 @@ def test_url_pool_gallery_uses_urls_and_ground_truth(url_workspace, monkeypatch)
     assert all("<b>bold</b>" in c for c in gallery["caption"])  # literal text in a grid cell, not markup
 
 
-def test_url_pool_refuses_javascript_urls(url_workspace, monkeypatch):
+def test_url_pool_refuses_javascript_urls():
     from dashboard.widgets import safe_url
 
     assert safe_url("javascript:alert(1)") is None
@@ -132,25 +120,25 @@ def test_url_pool_refuses_javascript_urls(url_workspace, monkeypatch):
     assert safe_url(None) is None
 
 
-def test_text_search_without_weights_is_a_one_line_error(url_workspace, monkeypatch):
-    at = open_page(url_workspace.root, monkeypatch)
+def test_text_search_without_weights_is_a_one_line_error(url_workspace, open_page):
+    at = open_page(PAGE, url_workspace.root)
     at.text_input(key="clusters_query").input("a red triangle").run()
     assert not at.exception
     assert len(at.error) == 1 and "synthetic" in at.error[0].value
 
 
-def test_missing_maps_offer_to_compute(clustered_workspace, tmp_path, monkeypatch):
+def test_missing_maps_offer_to_compute(clustered_workspace, tmp_path, open_page):
     import shutil
 
     root = tmp_path / "ws"
     shutil.copytree(clustered_workspace.root, root)
     shutil.rmtree(root / "clusters" / "web3" / "maps")
-    at = open_page(root, monkeypatch)
+    at = open_page(PAGE, root)
     assert not at.error
     labels = [b.label for b in at.button]
     assert "Compute the concept map" in labels and "Compute the member map" in labels
 
 
-def test_no_clusterings_says_how_to_make_one(small_workspace, monkeypatch):
-    at = open_page(small_workspace.root, monkeypatch)
+def test_no_clusterings_says_how_to_make_one(small_workspace, open_page):
+    at = open_page(PAGE, small_workspace.root)
     assert "prunescope cluster" in " ".join(i.value for i in at.info)
