@@ -239,6 +239,8 @@ def cluster_map(df: pd.DataFrame, *, color_by: str = "complexity", selected: int
     _ring(fig, df, selected)
     fig = _layout(fig, title="Concept map (UMAP of the centroids; area ~ members)", x_title="", y_title="",
                   height=520)
+    if color_by == "truth":  # many concepts: a vertical legend beside the map, clear of the title
+        fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top"))
     fig.update_xaxes(showticklabels=False, showgrid=False)
     fig.update_yaxes(showticklabels=False, showgrid=False, scaleanchor="x")
     fig.update_layout(clickmode="event+select", dragmode="pan")
