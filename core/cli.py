@@ -331,6 +331,26 @@ def export(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def similarity(
+    pool_set: Annotated[str, typer.Argument(help="the pool's embedding set")],
+    reference_set: Annotated[str, typer.Argument(help="the reference train set's embedding set")],
+    benchmark_sets: Annotated[list[str], typer.Argument(help="one embedding set per benchmark")],
+    analysis_id: Annotated[str | None, typer.Option("--id", help="name of the analysis")] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Train-test similarity (CLIP-OOD): per benchmark, test samples with a pool neighbour closer than their
+    reference neighbour, and the pool samples that are (the paper's pruning)."""
+    from core.similarity_stage import SimilarityConfig, run_similarity
+
+    cfg = SimilarityConfig(pool_set=pool_set, reference_set=reference_set, benchmark_sets=tuple(benchmark_sets),
+                           analysis_id=analysis_id)
+    summary = run_similarity(_ws(workspace), cfg)
+    typer.echo(f"similarity analysis {cfg.id}:")
+    _print_table(summary[["benchmark", "n_test", "share_test_pool_closer", "n_prune", "median_s_ref",
+                          "median_nn_pool_sim"]])
+
+
 @embeddings_app.command("list")
 def embeddings_list(workspace: WorkspaceOpt = None) -> None:
     """List embedding sets."""

@@ -27,7 +27,7 @@ from core.store import Catalog
 
 ENV_VAR = "PRUNESCOPE_WORKSPACE"
 DEFAULT_WORKSPACE = Path("data") / "workspace"
-SUBDIRS = ("sources", "datasets", "embeddings", "clusters", "manifests", "runs", "cache")
+SUBDIRS = ("sources", "datasets", "embeddings", "clusters", "manifests", "similarity", "runs", "cache")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -238,6 +238,23 @@ def stage_prune(ctx: DemoContext) -> str:
     return "; ".join(done)
 
 
+def stage_similarity(ctx: DemoContext) -> str:
+    """Train-test similarity of the pool and the reference set against every benchmark (CLIP-OOD)."""
+    from core.similarity_stage import SimilarityConfig, run_similarity
+
+    sets = []
+    for name in BENCHMARKS:
+        found = ctx.ws.catalog.query("SELECT id FROM embedding_sets WHERE dataset = ? AND modality IN ('image', 'both') "
+                                     "ORDER BY created_at DESC LIMIT 1", [name])
+        if not found.empty:
+            sets.append(str(found["id"].iloc[0]))
+    cfg = SimilarityConfig(pool_set="pool.demo-clip.both", reference_set="reference.demo-clip.image",
+                           benchmark_sets=tuple(sets), analysis_id="pool.vs.reference")
+    summary = run_similarity(ctx.ws, cfg)
+    return "; ".join(f"{r.benchmark}: {r.share_test_pool_closer:.0%} of test closer to the pool, {r.n_prune} pool "
+                     "samples closer than reference" for r in summary.itertuples())
+
+
 STAGES: list[tuple[str, Stage]] = [
     ("generate", stage_generate),
     ("register", stage_register),
@@ -248,6 +265,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("cluster", stage_cluster),
     ("maps", stage_maps),
     ("prune", stage_prune),
+    ("similarity", stage_similarity),
 ]
 
 

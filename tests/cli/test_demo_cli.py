@@ -263,3 +263,14 @@ def test_prune_and_export_commands(demo_ws, cli, tmp_path):
     bad = cli("prune", "pool.demo-clip", "--step", "dbp:keep_fraction", workspace=ws)
     assert bad.returncode == 2 and "key=value" in bad.stderr
     assert "semdedup" in cli("methods").stdout
+
+
+def test_demo_similarity_stage_summarises_every_benchmark(demo_ws):
+    ws, out, _ = demo_ws
+    df = Workspace(ws, create=False).catalog.query(
+        "SELECT dataset, metric, value FROM metrics WHERE run_id = 'pool.vs.reference'")
+    table = df.pivot(index="dataset", columns="metric", values="value")
+    assert set(table.index) == {"val", "sketch", "rendition", "v2", "hard"}
+    assert table["share_test_pool_closer"].between(0, 1).all()
+    assert (table["n_pool_closer"] >= 1).all() and (table["n_pool_closer"] < 1938).all()
+    assert "[similarity]" in out
