@@ -26,7 +26,9 @@ T = TypeVar("T")
 class ParamSpec:
     """One parameter of a registered entry, enough to draw a form widget and validate a value.
 
-    ``kind`` is one of ``int``, ``float``, ``bool``, ``str``, ``choice``, ``path``.
+    ``kind`` is one of ``int``, ``float``, ``bool``, ``str``, ``choice``, ``path``. ``ticks`` are the
+    values a form's slider offers when the useful ones span decades (e.g. SemDeDup's eps); any value in
+    [min, max] stays valid.
     """
 
     name: str
@@ -37,6 +39,7 @@ class ParamSpec:
     max: float | None = None
     choices: tuple[Any, ...] = ()
     required: bool = False
+    ticks: tuple[float, ...] = ()
 
     def validate(self, value: Any) -> Any:
         """Returns the value coerced to ``kind``; raises ConfigError when it is out of range."""

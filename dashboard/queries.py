@@ -305,6 +305,7 @@ def manifest_overlap(root: str, a: str, b: str) -> tuple[dict[str, int], pd.Data
     return counts, per
 
 
+@st.cache_data(ttl=60, show_spinner=False)
 def truth_categories(root: str, dataset: str) -> pd.Series | None:
     """The pool's ground-truth category per index row (demo-style truth columns), or None."""
     from core.demo.truth import has_truth

@@ -141,11 +141,19 @@ def _tile(root: str, dataset: str, row: Mapping[str, Any]) -> None:
             st.text(shorten(row["note"], 60))
 
 
-#: Parameters whose useful values span decades: drawn as a slider over these steps (log-spaced).
-LOG_STEPS: dict[str, tuple[float, ...]] = {
-    "eps": (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 0.00095, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.124,
-            0.165, 0.205, 0.26, 0.3),
-}
+def clustering_picker(root: str, *, key: str, empty_hint: str) -> pd.Series | None:
+    """The clustering selector shared by the pages that work on one: its catalog row (``id``,
+    ``embedding_set``, ``dataset``, ...), or None after showing the error or ``empty_hint``."""
+    try:
+        clusterings = queries.clusterings(root)
+    except PrunescopeError as exc:
+        st.error(exc.one_line())
+        return None
+    if clusterings.empty:
+        st.info(empty_hint)
+        return None
+    cid = st.selectbox("Clustering", clusterings["id"].tolist(), key=key)
+    return clusterings.set_index("id").loc[cid].rename(cid)
 
 
 def param_form(params: Any, *, key: str, skip: tuple[str, ...] = (), defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -181,8 +189,8 @@ def _param_widget(spec: Any, default: Any, key: str) -> Any:
     if spec.kind == "bool":
         st.session_state.setdefault(key, bool(default))
         return st.toggle(spec.name, key=key, help=spec.help)
-    if spec.kind == "float" and spec.name in LOG_STEPS:
-        steps = LOG_STEPS[spec.name]
+    if spec.kind == "float" and spec.ticks:
+        steps = spec.ticks
         current = st.session_state.get(key, default)
         st.session_state[key] = min(steps, key=lambda v: abs(v - float(current if current is not None else default)))
         return st.select_slider(spec.name, options=list(steps), key=key, help=spec.help, format_func=lambda v: f"{v:g}")

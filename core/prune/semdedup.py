@@ -49,6 +49,9 @@ from core.prune.base import (
 )
 from core.registry import ParamSpec
 
+#: Slider stops for eps: log-spaced from 1e-5, including the published LAION-440M values (SemDeDup, 2023).
+EPS_TICKS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 0.00095, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.124,
+             0.165, 0.205, 0.26, 0.3)
 MODES = ("reference", "one_per_group")
 DUPLICATE = register_reason("semdedup:duplicate", "cos {score:.4f} to earlier member {ref}")
 DUPLICATE_GROUP = register_reason("semdedup:duplicate_group", "duplicate group kept as {ref} (max cos to earlier {score:.4f})")
@@ -338,7 +341,7 @@ def _group_selection(ctx: PruneContext, order: str, eps: float) -> Selection:
     paper="Abbas et al., SemDeDup: Data-efficient learning at web-scale through semantic deduplication (2023)",
     params=[
         ParamSpec("eps", "float", 0.05, help="duplicate threshold: removed iff max cos to an earlier member > 1 - eps",
-                  min=0.0, max=1.0),
+                  min=0.0, max=1.0, ticks=EPS_TICKS),
         order_param(" (which member of a duplicate group is kept: the first in this order)"),
         ParamSpec("mode", "choice", "reference", choices=MODES,
                   help="reference = the reference code (non-transitive); one_per_group = one per connected group"),

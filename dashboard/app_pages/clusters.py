@@ -36,17 +36,12 @@ TABLE = {
 def render() -> None:
     root = queries.workspace_root()
     st.title("Clusters")
-    try:
-        clusterings = queries.clusterings(root)
-    except PrunescopeError as exc:
-        st.error(exc.one_line())
+    info = widgets.clustering_picker(root, key=KEY + "id", empty_hint=(
+        "No clusterings yet. Cluster an embedding set with `prunescope cluster EMBEDDING_SET --k 100` "
+        "(or build the demo with `prunescope demo`)."))
+    if info is None:
         return
-    if clusterings.empty:
-        st.info("No clusterings yet. Cluster an embedding set with `prunescope cluster EMBEDDING_SET --k 100` "
-                "(or build the demo with `prunescope demo`).")
-        return
-    cid = st.selectbox("Clustering", clusterings["id"].tolist(), key=KEY + "id")
-    info = clusterings[clusterings["id"] == cid].iloc[0]
+    cid = str(info.name)
     try:
         table, composition = _cluster_table(root, cid, str(info["dataset"]))
     except PrunescopeError as exc:

@@ -30,18 +30,17 @@ CURVE_EPS = tuple(float(v) for v in np.geomspace(1e-5, 0.3, 40))
 def render() -> None:
     root = queries.workspace_root()
     st.title("Pruning")
+    info = widgets.clustering_picker(root, key=KEY + "clustering", empty_hint=(
+        "Pruning works on concept clusters. Cluster an embedding set first: "
+        "`prunescope cluster EMBEDDING_SET --k 100` (the demo has one: `prunescope demo`)."))
+    if info is None:
+        return
     try:
-        clusterings = queries.clusterings(root)
         prunings = queries.prunings(root)
     except PrunescopeError as exc:
         st.error(exc.one_line())
         return
-    if clusterings.empty:
-        st.info("Pruning works on concept clusters. Cluster an embedding set first: "
-                "`prunescope cluster EMBEDDING_SET --k 100` (the demo has one: `prunescope demo`).")
-        return
-    cid = st.selectbox("Clustering", clusterings["id"].tolist(), key=KEY + "clustering")
-    dataset = str(clusterings.set_index("id").loc[cid, "dataset"])
+    cid, dataset = str(info.name), str(info["dataset"])
     mine = prunings[prunings["config_json"].str.contains(json.dumps(cid), regex=False)]
     controls, results = st.columns([1, 2], gap="large")
     with controls:
@@ -80,11 +79,8 @@ def _apply_saved(mine: pd.DataFrame) -> None:
 
 
 def _set_params(prefix: str, params: dict[str, Any]) -> None:
-    from dashboard.widgets import LOG_STEPS
-
+    """Seed the form's widgets (a slider with ticks snaps the value to its nearest stop itself)."""
     for name, value in params.items():
-        if name in LOG_STEPS and value is not None:
-            value = min(LOG_STEPS[name], key=lambda v: abs(v - float(value)))
         st.session_state[f"{KEY}{prefix}_{name}"] = value
         st.session_state[f"{KEY}{prefix}_{name}_on"] = value is not None
 
