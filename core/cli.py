@@ -259,16 +259,24 @@ def clusterings(workspace: WorkspaceOpt = None) -> None:
 
 
 def _parse_step(text: str) -> tuple[str, dict[str, str]]:
-    """``semdedup:eps=0.05,order=hard`` -> ("semdedup", {"eps": "0.05", "order": "hard"}) (the registry coerces)."""
+    """``semdedup:eps=0.05,order=hard`` -> ("semdedup", {"eps": "0.05", "order": "hard"}) (the registry coerces).
+
+    A list value keeps its commas: ``similarity:benchmarks=val,v2,mode=near`` gives benchmarks ``val,v2``.
+    """
     name, _, rest = text.partition(":")
     params: dict[str, str] = {}
+    last = None
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
+        if not eq and last is not None:
+            params[last] += "," + item
+            continue
         if not eq or not key.strip():
             from core.errors import ConfigError
 
             raise ConfigError(f"step parameter {item!r} is not key=value", hint="e.g. --step dbp:keep_fraction=0.5,tau=0.5")
-        params[key.strip()] = value.strip()
+        last = key.strip()
+        params[last] = value.strip()
     return name.strip(), params
 
 

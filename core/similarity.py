@@ -17,7 +17,7 @@ the ``batch`` bound of :func:`closer_than_reference`), never by the database siz
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,7 +199,8 @@ class _Accumulator:
     nn_idx: np.ndarray
 
     def update(self, sims: np.ndarray, start: int, s_ref: np.ndarray) -> np.ndarray:
-        """Folds a (rows, q) similarity chunk at pool position ``start``; returns its (rows,) closer mask."""
+        """Folds a (rows, q) similarity chunk at pool position ``start``; returns its (rows, q) mask
+        ``cos(t, x) > s_ref(t)``."""
         above: np.ndarray = sims > s_ref  # (rows, q) vs (q,): a threshold per test sample
         self.n_closer += above.sum(axis=0)
         col_arg = sims.argmax(axis=0)
@@ -208,8 +209,7 @@ class _Accumulator:
         better = (col_max > self.nn_sim) | ((col_max == self.nn_sim) & (col_idx < self.nn_idx))
         self.nn_sim[better] = col_max[better]
         self.nn_idx[better] = col_idx[better]
-        closer = np.asarray(above.any(axis=1))
-        return closer
+        return above
 
 
 def closer_than_reference(
@@ -219,7 +219,7 @@ def closer_than_reference(
 
     Ref: Mayilvahanan et al. ICLR 2024: prune x when ``cos(t, x) > s_ref(t)`` for any test sample t,
     with a threshold per test sample. Exact: every chunk ``P @ test.T`` is compared column-wise with
-    ``s_ref`` (float32 matmuls on the CPU).
+    ``s_ref`` (float32 matmuls on the CPU). One benchmark of :func:`closer_than_reference_many`.
 
     Args:
         test: (q, D) test embeddings (normalised here, as in :func:`reference_thresholds`).
@@ -237,41 +237,73 @@ def closer_than_reference(
         DataError: bad test rows, s_ref of the wrong shape or not finite, a block of another width, with
             NaN/inf or out of order, or an empty pool.
     """
-    T = _check_queries(test, "test")
-    q = T.shape[0]
-    s_ref = np.asarray(s_ref, dtype=np.float32)
-    if s_ref.shape != (q,) or not np.isfinite(s_ref).all():
-        raise DataError(f"s_ref must be {q} finite thresholds (one per test row), got shape {s_ref.shape}")
+    return closer_than_reference_many([test], [s_ref], pool_blocks, batch=batch)[0]
+
+
+def closer_than_reference_many(
+    tests: Sequence[np.ndarray], s_refs: Sequence[np.ndarray], pool_blocks: Blocks, *, batch: int | None = None
+) -> list[SimilarityResult]:
+    """:func:`closer_than_reference` for several benchmarks in ONE pass over the pool.
+
+    The benchmarks' test rows are stacked into one (sum q_b, D) matrix, so each pool chunk is read and
+    multiplied once; per-pool-row results are then taken per benchmark from its columns.
+
+    Args:
+        tests: per benchmark b, (q_b, D) test embeddings. s_refs: per benchmark, (q_b,) thresholds.
+        pool_blocks, batch: as in :func:`closer_than_reference` (``batch`` bounds ``batch * sum q_b``).
+
+    Returns:
+        One :class:`SimilarityResult` per benchmark, in order.
+    """
+    if len(tests) != len(s_refs) or not tests:
+        raise ConfigError(f"give one s_ref per test set; got {len(tests)} test sets and {len(s_refs)} s_ref")
+    Ts = [_check_queries(t, "test") for t in tests]
+    dims = {T.shape[1] for T in Ts}
+    if len(dims) != 1:
+        raise DataError(f"the test sets have different widths: {sorted(dims)}")
+    refs = [_check_thresholds(s, len(T)) for s, T in zip(s_refs, Ts, strict=True)]
+    T_all, s_all = np.concatenate(Ts), np.concatenate(refs)
+    bounds = np.concatenate([[0], np.cumsum([len(T) for T in Ts])])
     if batch is not None and batch < 1:
         raise ConfigError(f"batch must be >= 1, got {batch}")
-    rows_per_chunk = batch or max(1, _CHUNK_ELEMENTS // q)
-    acc = _Accumulator(np.zeros(q, np.int64), np.full(q, -np.inf, np.float32), np.full(q, -1, np.int64))
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    rows_per_chunk = batch or max(1, _CHUNK_ELEMENTS // len(T_all))
+    acc = _Accumulator(np.zeros(len(T_all), np.int64), np.full(len(T_all), -np.inf, np.float32),
+                       np.full(len(T_all), -1, np.int64))
+    parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in Ts]
     expected = 0
     for start, X in pool_blocks:
         if start != expected:
             raise DataError(
                 f"pool blocks must be contiguous and in order: expected start {expected}, got {start}"
             )
-        B = _check_block(X, T.shape[1], start, "pool")
+        B = _check_block(X, T_all.shape[1], start, "pool")
         for lo in range(0, len(B), rows_per_chunk):
-            sims = B[lo : lo + rows_per_chunk] @ T.T
-            arg = sims.argmax(axis=1)
-            closer = acc.update(sims, start + lo, s_ref)
-            parts.append((sims[np.arange(len(sims)), arg], arg.astype(np.int64), closer))
+            sims = B[lo : lo + rows_per_chunk] @ T_all.T
+            above = acc.update(sims, start + lo, s_all)
+            for b in range(len(Ts)):
+                cols = slice(int(bounds[b]), int(bounds[b + 1]))
+                arg = sims[:, cols].argmax(axis=1)
+                closer: np.ndarray = np.asarray(above[:, cols].any(axis=1))
+                parts[b].append((sims[np.arange(len(sims)), arg + cols.start], arg.astype(np.int64), closer))
         expected += len(B)
     if expected == 0:
         raise DataError("the pool is empty (no rows in any block)")
+    return [_result(parts[b], acc, refs[b], slice(int(bounds[b]), int(bounds[b + 1]))) for b in range(len(Ts))]
+
+
+def _check_thresholds(s_ref: np.ndarray, q: int) -> np.ndarray:
+    s = np.asarray(s_ref, dtype=np.float32)
+    if s.shape != (q,) or not np.isfinite(s).all():
+        raise DataError(f"s_ref must be {q} finite thresholds (one per test row), got shape {s.shape}")
+    return s
+
+
+def _result(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], acc: _Accumulator, s_ref: np.ndarray,
+            cols: slice) -> SimilarityResult:
     max_sim, argmax_test, closer = (np.concatenate(p) for p in zip(*parts, strict=True))
-    return SimilarityResult(
-        s_ref=s_ref,
-        max_sim=max_sim.astype(np.float32),
-        argmax_test=argmax_test,
-        closer=closer,
-        n_closer=acc.n_closer,
-        nn_pool_sim=acc.nn_sim,
-        nn_pool_idx=acc.nn_idx,
-    )
+    return SimilarityResult(s_ref=s_ref, max_sim=max_sim.astype(np.float32), argmax_test=argmax_test,
+                            closer=closer, n_closer=acc.n_closer[cols].copy(), nn_pool_sim=acc.nn_sim[cols].copy(),
+                            nn_pool_idx=acc.nn_idx[cols].copy())
 
 
 def prune_mask_near(result: SimilarityResult) -> np.ndarray:

@@ -109,40 +109,65 @@ def _test_rows(ws: Workspace, set_id: str, dim: int) -> tuple[np.ndarray, np.nda
 def run_similarity(ws: Workspace, cfg: SimilarityConfig) -> pd.DataFrame:
     """Analyse every benchmark; returns the summary (one row per benchmark) and registers it.
 
+    The reference set and the pool are each read once for all benchmarks together.
+
     Raises:
-        UnknownName: a set is not registered. DataError: the sets' widths differ, or a set is empty.
+        UnknownName: a set is not registered. DataError: the sets come from different models or
+            checkpoints, or a set is empty.
     """
     from core.embed import embedding_set_row
 
     rows = {s: embedding_set_row(ws, s) for s in (cfg.pool_set, cfg.reference_set, *cfg.benchmark_sets)}
-    dims = {s: int(r["dim"]) for s, r in rows.items()}
-    if len(set(dims.values())) != 1:
-        raise DataError("the sets were embedded with different widths: "
-                        + ", ".join(f"{s} {d}" for s, d in dims.items()), hint="use one model for all of them")
-    dim = dims[cfg.pool_set]
+    _check_same_model(rows)
+    dim = int(rows[cfg.pool_set]["dim"])
+    datasets = [str(rows[b]["dataset"]) for b in cfg.benchmark_sets]
+    if len(set(datasets)) != len(datasets):
+        raise ConfigError("two benchmark sets embed the same dataset: " + ", ".join(datasets))
     folder = ws.dir("similarity", cfg.id)
-    summaries = [_one_benchmark(ws, cfg, b, str(rows[b]["dataset"]), dim, folder) for b in cfg.benchmark_sets]
+    summaries = _analyse(ws, cfg, datasets, dim, folder)
     summary = pd.DataFrame(summaries)
     _register(ws, cfg, summary)
     atomic.write_json(folder / "meta.json", {"config": asdict(cfg), "summary": summaries})
     return summary
 
 
-def _one_benchmark(ws: Workspace, cfg: SimilarityConfig, bench_set: str, dataset: str, dim: int,
-                   folder: Any) -> dict[str, Any]:
-    from core.similarity import closer_than_reference, reference_thresholds
+def _check_same_model(rows: dict[str, dict[str, Any]]) -> None:
+    """DataError unless every set was embedded by one model (architecture, weights, width)."""
+    keys = {s: (str(r["model"]), str(r.get("pretrained") or ""), int(r["dim"])) for s, r in rows.items()}
+    if len(set(keys.values())) != 1:
+        raise DataError("similarities need one embedding space, but the sets come from different models: "
+                        + "; ".join(f"{s}: {m} {p} (dim {d})" for s, (m, p, d) in keys.items()),
+                        hint="embed the pool, the reference set and the benchmarks with the same model")
 
-    test_ids, T = _test_rows(ws, bench_set, dim)
+
+def _analyse(ws: Workspace, cfg: SimilarityConfig, datasets: list[str], dim: int, folder: Any) -> list[dict[str, Any]]:
+    from core.similarity import closer_than_reference_many, reference_thresholds
+
+    tests = [_test_rows(ws, b, dim) for b in cfg.benchmark_sets]
+    bounds = np.cumsum([0, *(len(T) for _, T in tests)])
     ref_ids: list[np.ndarray] = []
-    s_ref, ref_idx = reference_thresholds(T, _image_blocks(ws, cfg.reference_set, dim, ids_out=ref_ids))
+    s_all, idx_all = reference_thresholds(np.concatenate([T for _, T in tests]),
+                                          _image_blocks(ws, cfg.reference_set, dim, ids_out=ref_ids))
+    s_refs = [s_all[bounds[b]:bounds[b + 1]] for b in range(len(tests))]
     valid: list[np.ndarray] = []
     pool_ids: list[np.ndarray] = []
-    result = closer_than_reference(T, s_ref, _image_blocks(ws, cfg.pool_set, dim, valid, pool_ids))
-    pool_valid, pool_all = np.concatenate(valid), np.concatenate(pool_ids)
+    results = closer_than_reference_many([T for _, T in tests], s_refs,
+                                         _image_blocks(ws, cfg.pool_set, dim, valid, pool_ids))
+    pool_valid, pool_all, all_ref = np.concatenate(valid), np.concatenate(pool_ids), np.concatenate(ref_ids)
+    out = []
+    for b, (dataset, (test_ids, _), result) in enumerate(zip(datasets, tests, results, strict=True)):
+        ref_idx = idx_all[bounds[b]:bounds[b + 1]]
+        out.append(_write_benchmark(cfg, dataset, cfg.benchmark_sets[b], folder, test_ids, all_ref[ref_idx],
+                                    pool_all, pool_valid, result))
+    return out
+
+
+def _write_benchmark(cfg: SimilarityConfig, dataset: str, bench_set: str, folder: Any, test_ids: np.ndarray,
+                     ref_ids: np.ndarray, pool_all: np.ndarray, pool_valid: np.ndarray,
+                     result: Any) -> dict[str, Any]:
     closer = result.closer & pool_valid
-    all_ref = np.concatenate(ref_ids)
     atomic.write_parquet(folder / f"{dataset}.test.parquet", pa.table({
-        "id": pa.array(test_ids.tolist(), pa.string()), "s_ref": result.s_ref, "ref_id": all_ref[ref_idx].tolist(),
+        "id": pa.array(test_ids.tolist(), pa.string()), "s_ref": result.s_ref, "ref_id": ref_ids.tolist(),
         "nn_pool_sim": result.nn_pool_sim, "nn_pool_id": pool_all[result.nn_pool_idx].tolist(),
         "n_closer": result.n_closer}))
     atomic.write_parquet(folder / f"{dataset}.pool.parquet", pa.table({

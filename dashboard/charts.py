@@ -432,3 +432,62 @@ def manifest_overlap(per_cluster: pd.DataFrame, names: tuple[str, str]) -> go.Fi
                     showlegend=False)
     return _layout(fig, title="Kept per cluster: A against B", x_title=f"A: {plain(names[0])}",
                    y_title=f"B: {plain(names[1])}", height=380)
+
+
+# -- train-test similarity ---------------------------------------------------------------------------
+def similarity_histograms(test: pd.DataFrame, *, benchmark: str, bins: int = 40) -> go.Figure:
+    """Per test sample, the cosine to its nearest pool sample beside the cosine to its nearest reference
+    sample (``nn_pool_sim``, ``s_ref``), as two overlaid histograms (Mayilvahanan et al. ICLR 2024)."""
+    if test.empty:
+        return empty_figure("no test samples")
+    lo = float(min(test["s_ref"].min(), test["nn_pool_sim"].min()))
+    hi = float(max(test["s_ref"].max(), test["nn_pool_sim"].max()))
+    size = max((hi - lo) / bins, 1e-6)
+    fig = go.Figure()
+    for column, name, role in (("s_ref", "reference → test", "reference"), ("nn_pool_sim", "pool → test", "pool")):
+        fig.add_histogram(x=test[column], name=name, opacity=0.6, marker_color=ROLE_COLORS[role],
+                          xbins=dict(start=lo, end=hi + size, size=size),
+                          hovertemplate=f"{name}: %{{y:,}} test samples at %{{x}}<extra></extra>")
+    fig.update_layout(barmode="overlay")
+    fig.update_yaxes(**_count_ticks(float(len(test))))
+    return _layout(fig, title=f"Nearest-neighbour similarity of {plain(benchmark)}'s test samples",
+                   x_title="cosine to the nearest neighbour", y_title="test samples", height=340)
+
+
+def similarity_scatter(test: pd.DataFrame, *, benchmark: str) -> go.Figure:
+    """One point per test sample: reference similarity (x) against pool similarity (y); above the diagonal
+    the pool holds a sample closer than any reference sample."""
+    if test.empty:
+        return empty_figure("no test samples")
+    closer = test["nn_pool_sim"] > test["s_ref"]
+    fig = go.Figure()
+    for mask, name, color in ((closer, "pool neighbour closer", REMOVED_COLOR), (~closer, "reference closer", KEPT_COLOR)):
+        part = test[mask]
+        hover = [f"{plain(i)}: pool {p:.4f}, reference {r:.4f}" for i, p, r in
+                 zip(part["id"], part["nn_pool_sim"], part["s_ref"], strict=True)]
+        fig.add_trace(_scatter(len(part))(x=part["s_ref"], y=part["nn_pool_sim"], mode="markers", name=name,
+                                          text=hover, hovertemplate="%{text}<extra></extra>",
+                                          marker=dict(size=6, color=color, opacity=0.75)))
+    lo = float(min(test["s_ref"].min(), test["nn_pool_sim"].min()))
+    hi = float(max(test["s_ref"].max(), test["nn_pool_sim"].max()))
+    fig.add_scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color=OTHER_COLOR, dash="dot"),
+                    hoverinfo="skip", showlegend=False)
+    return _layout(fig, title=f"{plain(benchmark)}: pool against reference, per test sample",
+                   x_title="cosine to the nearest reference sample", y_title="cosine to the nearest pool sample",
+                   height=340)
+
+
+def share_closer(summary: pd.DataFrame) -> go.Figure:
+    """Per benchmark, the share of test samples whose nearest pool sample is closer than their nearest
+    reference sample (``benchmark, share_test_pool_closer, n_test``)."""
+    if summary.empty:
+        return empty_figure("no benchmarks")
+    labels = [plain(b) for b in summary["benchmark"]]
+    hover = [f"{plain(b)}: {s:.1%} of {int(n):,} test samples" for b, s, n in
+             zip(summary["benchmark"], summary["share_test_pool_closer"], summary["n_test"], strict=True)]
+    fig = go.Figure(go.Bar(x=labels, y=(summary["share_test_pool_closer"] * 100).tolist(), hovertext=hover,
+                           hovertemplate="%{hovertext}<extra></extra>", marker_color=ROLE_COLORS["benchmark"]))
+    fig.update_yaxes(range=[0, 100], ticksuffix="%")
+    fig.update_xaxes(type="category")
+    return _layout(fig, title="Test samples with a closer pool than reference neighbour",
+                   x_title="benchmark", y_title="test samples", height=320)

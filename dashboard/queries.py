@@ -332,3 +332,61 @@ def semdedup_reference() -> pd.DataFrame:
     from core.reference import read_table
 
     return read_table("semdedup_laion440m.csv")
+
+
+# -- train-test similarity --------------------------------------------------------------------------
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def similarity_analyses(root: str) -> pd.DataFrame:
+    """One row per (analysis, benchmark) of every finished similarity analysis: ``analysis, pool_set,
+    reference_set, benchmark, embedding_set, n_test, n_pool, share_test_pool_closer, n_prune,
+    share_pool_pruned, median_s_ref, median_nn_pool_sim``; newest analysis first."""
+    from core.similarity_stage import analysis_meta, list_analyses
+
+    ws = _ws(root)
+    rows = []
+    for analysis in sorted(list_analyses(ws), key=lambda a: -ws.dir("similarity", a, "meta.json").stat().st_mtime):
+        meta = analysis_meta(ws, analysis)
+        config = meta["config"]
+        for summary in meta["summary"]:
+            rows.append({"analysis": analysis, "pool_set": config["pool_set"],
+                         "reference_set": config["reference_set"], **summary})
+    return pd.DataFrame(rows)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=40, show_spinner=False)
+def similarity_part(root: str, analysis: str, benchmark: str, part: str) -> pd.DataFrame:
+    """The ``test`` or ``pool`` table of one benchmark of an analysis (see core.similarity_stage)."""
+    from core.similarity_stage import load_similarity
+
+    return load_similarity(_ws(root), analysis, benchmark, part)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def set_dataset(root: str, set_id: str) -> str:
+    """The dataset an embedding set embeds."""
+    from core.embed import embedding_set_row
+
+    return str(embedding_set_row(_ws(root), set_id)["dataset"])
+
+
+@st.cache_resource(ttl=1800, max_entries=2, show_spinner=False)
+def id_clusters(root: str, clustering_id: str) -> pd.Series:
+    """Cluster of each clustered id (index = id), from the cached pruning context."""
+    ctx = prune_context(root, clustering_id)
+    return pd.Series(ctx.labels, index=pd.Index(ctx.ids, name="id"), name="cluster")
+
+
+def similarity_counts(root: str, clustering_id: str, analysis: str) -> dict[str, int]:
+    """Clustered rows closer than reference, per benchmark and for any of them."""
+    from core.prune.similarity import closer_counts
+
+    return closer_counts(prune_context(root, clustering_id), analysis)
+
+
+def index_rows(root: str, dataset: str, ids: list[str]) -> pd.DataFrame:
+    """The index rows of the distinct ``ids``, in first-seen order (missing ids dropped), None for NA."""
+    index = dataset_handle(root, dataset).index
+    wanted = list(dict.fromkeys(ids))
+    rows = index[index["id"].isin(wanted)].drop_duplicates("id").set_index("id", drop=False)
+    rows = rows.loc[[i for i in wanted if i in rows.index]].reset_index(drop=True)
+    return rows.astype(object).where(rows.notna(), None)

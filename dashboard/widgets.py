@@ -84,7 +84,7 @@ def thumbnail_grid(root: str, dataset: str, rows: pd.DataFrame, *, columns: int 
         cells = st.columns(columns, gap="small")
         for cell, row in zip(cells, records[start : start + columns], strict=False):
             with cell:
-                _tile(root, dataset, row)
+                sample_tile(root, dataset, row)
 
 
 #: URL schemes the browser may load gallery images from (never javascript:, data:, file:).
@@ -125,10 +125,17 @@ def url_gallery(rows: pd.DataFrame, *, key: str) -> None:
     })
 
 
-def _tile(root: str, dataset: str, row: Mapping[str, Any]) -> None:
+def sample_tile(root: str, dataset: str, row: Mapping[str, Any], *, title: str | None = None) -> None:
+    """One sample in a bordered tile: its thumbnail (or, for a URL-only pool, its http(s) image loaded by
+    the browser), class, caption and ``row["note"]``, all as plain text."""
     with st.container(border=True):
+        if title:
+            st.text(title)
         data, reason = thumbnail(root, dataset, str(row["id"]), row)
-        if data is None:
+        url = safe_url(row.get("url"))
+        if data is None and url and not queries.dataset_has_images(root, dataset):
+            st.image(url, width="stretch")
+        elif data is None:
             st.image(placeholder(), width="stretch")
             st.text(f"unreadable: {shorten(reason, 80)}")
         else:

@@ -238,21 +238,36 @@ def stage_prune(ctx: DemoContext) -> str:
     return "; ".join(done)
 
 
+#: The demo's similarity analysis and the manifest of the paper's pruning on it.
+DEMO_ANALYSIS = "pool.vs.reference"
+DEMO_SIMILARITY_PRUNING = "pool.similarity-ref"
+
+
 def stage_similarity(ctx: DemoContext) -> str:
-    """Train-test similarity of the pool and the reference set against every benchmark (CLIP-OOD)."""
+    """Train-test similarity of the pool and the reference set against every benchmark (CLIP-OOD), and
+    the manifest of the paper's pruning (every pool sample closer than reference to some test sample)."""
+    from core.embed import embedding_set_row
+    from core.prune.manifest import PruneConfig, run_pruning
     from core.similarity_stage import SimilarityConfig, run_similarity
 
+    pool = embedding_set_row(ctx.ws, "pool.demo-clip.both")
     sets = []
-    for name in BENCHMARKS:
-        found = ctx.ws.catalog.query("SELECT id FROM embedding_sets WHERE dataset = ? AND modality IN ('image', 'both') "
-                                     "ORDER BY created_at DESC LIMIT 1", [name])
+    for name in BENCHMARKS:  # the benchmarks as the zero-shot stage embedded them, with the pool's model
+        found = ctx.ws.catalog.query(
+            "SELECT id FROM embedding_sets WHERE dataset = ? AND modality IN ('image', 'both') AND model = ? "
+            "AND pretrained IS NOT DISTINCT FROM ? ORDER BY created_at DESC LIMIT 1",
+            [name, pool["model"], pool["pretrained"]])
         if not found.empty:
             sets.append(str(found["id"].iloc[0]))
     cfg = SimilarityConfig(pool_set="pool.demo-clip.both", reference_set="reference.demo-clip.image",
-                           benchmark_sets=tuple(sets), analysis_id="pool.vs.reference")
+                           benchmark_sets=tuple(sets), analysis_id=DEMO_ANALYSIS)
     summary = run_similarity(ctx.ws, cfg)
-    return "; ".join(f"{r.benchmark}: {r.share_test_pool_closer:.0%} of test closer to the pool, {r.n_prune} pool "
-                     "samples closer than reference" for r in summary.itertuples())
+    info = run_pruning(ctx.ws, PruneConfig(clustering_id="pool.demo-clip", seed=ctx.seed,
+                                           chain=(("similarity", {"analysis": DEMO_ANALYSIS}),),
+                                           pruning_id=DEMO_SIMILARITY_PRUNING), replace=True)
+    lines = [f"{r.benchmark}: {r.share_test_pool_closer:.0%} of test closer to the pool, {r.n_prune} pool samples "
+             "closer than reference" for r in summary.itertuples()]
+    return "; ".join(lines) + f"; {info.id} keeps {info.n_kept} of {info.n_in}"
 
 
 STAGES: list[tuple[str, Stage]] = [

@@ -1,7 +1,8 @@
 """Pruning web-scale image-text pools: one interface, one module per method, one registry.
 
 Methods (``METHODS``, each in its own module): ``random`` (random_baseline.py), ``clip_score``,
-``semdedup``, ``ssp``, ``dbp``. Each takes a :class:`PruneContext` and returns a :class:`Selection`
+``semdedup``, ``ssp``, ``dbp``, ``similarity`` (train-test similarity, from a finished analysis). Each
+takes a :class:`PruneContext` and returns a :class:`Selection`
 (kept positions, removed positions with a reason, per-cluster counts)::
 
     ctx = PruneContext.from_clustering(ws, "pool.k100.s1234")
@@ -14,7 +15,7 @@ of kept and removed ids with reasons, registered in the catalog's ``prunings``) 
 subset npy, id list, webdataset keys) live in :mod:`core.prune.manifest`.
 """
 
-from core.prune import clip_score, dbp, random_baseline, semdedup, ssp  # noqa: F401  (registers the methods)
+from core.prune import clip_score, dbp, random_baseline, semdedup, similarity, ssp  # noqa: F401  (registers the methods)
 from core.prune.base import (
     METHODS,
     ORDERS,

@@ -211,6 +211,8 @@ class PruneContext:
         clip_source: (n,) float32 image-caption cosine per row (NaN = no caption embedding), or a
             function computing it on first use; None when there are no caption embeddings.
         max_chunk_bytes: bound on float32 embedding rows materialised at once (:meth:`cluster_chunks`).
+        similarity_source: ``analysis id or None -> SimilarityTable`` of a train-test similarity
+            analysis aligned with the rows (:mod:`core.prune.similarity`); None when there is none.
         workers: threads for per-cluster work (None = the CPU count); an execution setting that never
             changes a result.
     """
@@ -225,6 +227,7 @@ class PruneContext:
     clip_source: np.ndarray | Callable[[], np.ndarray] | None = None
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     workers: int | None = None
+    similarity_source: Callable[[str | None], Any] | None = None
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     shared: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -233,7 +236,8 @@ class PruneContext:
     def from_arrays(cls, ids: Sequence[Any] | np.ndarray, labels: np.ndarray, dist: np.ndarray,
                     centroids: np.ndarray, embeddings: np.ndarray | EmbeddingSource | None = None,
                     clip_scores: np.ndarray | None = None, seed: int = 0,
-                    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None) -> PruneContext:
+                    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None,
+                    similarity: Any = None) -> PruneContext:
         """A context over arrays (tests, notebooks, benchmarks); all rows active.
 
         Args:
@@ -241,7 +245,8 @@ class PruneContext:
             assigned centroid. centroids: (k, D). embeddings: (n, D) rows (float16 is fine; they are
             re-normalised per block) or an EmbeddingSource. clip_scores: (n,) image-caption cosine,
             NaN where a row has no caption embedding. seed: for random choices. max_chunk_bytes,
-            workers: execution settings (see the class attributes).
+            workers: execution settings (see the class attributes). similarity: a
+            :class:`core.prune.similarity.SimilarityTable` of these rows (or a SimilaritySource).
 
         Raises:
             DataError: empty input, mismatched lengths or widths, labels outside [0, k), non-finite
@@ -258,9 +263,10 @@ class PruneContext:
         clip = None if clip_scores is None else np.asarray(clip_scores, dtype=np.float32)
         if clip is not None and clip.shape != (len(ids_arr),):
             raise DataError(f"clip_scores must have shape ({len(ids_arr)},), got {clip.shape}")
+        sim_source = similarity if similarity is None or callable(similarity) else (lambda _analysis: similarity)
         return cls(ids_arr, labels_arr.astype(np.int64), dist_arr, cents, np.arange(len(ids_arr), dtype=np.int64),
                    seed=int(seed), embeddings=source, clip_source=clip, max_chunk_bytes=max_chunk_bytes,
-                   workers=workers)
+                   workers=workers, similarity_source=sim_source)
 
     @classmethod
     def from_clustering(cls, ws: Workspace, clustering_id: str, *, seed: int = 0,
@@ -270,14 +276,15 @@ class PruneContext:
         Embeddings are streamed from the clustering's embedding set only when a method needs them
         (SemDeDup), in chunks of whole clusters of at most ``max_chunk_bytes`` float32 (one pass over
         the shards per chunk). Clip scores are computed on first use from the set's other modality
-        (sets embedded with ``modality="both"``), aligned by dataset row.
+        (sets embedded with ``modality="both"``), aligned by dataset row. Train-test similarity is read
+        from the workspace's analyses of the clustering's embedding set, aligned by id.
         """
         from core.prune.sources import workspace_context_parts
 
         parts = workspace_context_parts(ws, clustering_id)
         return cls(parts.ids, parts.labels, parts.dist, parts.centroids, np.arange(len(parts.ids), dtype=np.int64),
                    seed=int(seed), embeddings=parts.embeddings, clip_source=parts.clip_scores,
-                   max_chunk_bytes=max_chunk_bytes, workers=workers)
+                   max_chunk_bytes=max_chunk_bytes, workers=workers, similarity_source=parts.similarity)
 
     def subset(self, rows: np.ndarray) -> PruneContext:
         """The same context restricted to ``rows`` (original positions, a subset of the active rows).

@@ -15,6 +15,7 @@ import numpy as np
 from core.errors import DataError
 
 if TYPE_CHECKING:
+    from core.prune.similarity import SimilarityTable
     from core.workspace import Workspace
 
 
@@ -40,6 +41,7 @@ class ContextParts:
     centroids: np.ndarray
     embeddings: WorkspaceEmbeddings
     clip_scores: Callable[[], np.ndarray]
+    similarity: Callable[[str | None], SimilarityTable]
 
 
 def workspace_context_parts(ws: Workspace, clustering_id: str) -> ContextParts:
@@ -55,7 +57,54 @@ def workspace_context_parts(ws: Workspace, clustering_id: str) -> ContextParts:
         ids=table["id"].to_numpy(dtype=object), labels=table["cluster"].to_numpy(np.int64),
         dist=table["dist_to_centroid"].to_numpy(np.float32), centroids=centroids,
         embeddings=WorkspaceEmbeddings(ws, clustering_id, len(table), int(centroids.shape[1])),
-        clip_scores=lambda: workspace_clip_scores(ws, clustering_id, rows))
+        clip_scores=lambda: workspace_clip_scores(ws, clustering_id, rows),
+        similarity=lambda analysis: workspace_similarity(ws, clustering_id, table["id"].to_numpy(dtype=object),
+                                                         analysis))
+
+
+def pool_analyses(ws: Workspace, set_id: str) -> list[str]:
+    """Similarity analyses whose pool is the embedding set ``set_id``, newest first."""
+    from core.similarity_stage import analysis_meta, list_analyses
+
+    found = [(ws.dir("similarity", a, "meta.json").stat().st_mtime, a) for a in list_analyses(ws)
+             if analysis_meta(ws, a)["config"].get("pool_set") == set_id]
+    return [a for _, a in sorted(found, reverse=True)]
+
+
+def workspace_similarity(ws: Workspace, clustering_id: str, ids: np.ndarray, analysis: str | None) -> SimilarityTable:
+    """The analysis ``analysis`` (None = the newest on the clustering's embedding set) aligned with ``ids``.
+
+    Raises:
+        DataError: no analysis of this pool exists, the named one is missing, or it shares no id with the
+            clustering (it was run on another pool).
+    """
+    import pandas as pd
+
+    from core.clustering import clustering_meta
+    from core.prune.similarity import SimilarityTable
+    from core.similarity_stage import analysis_meta, load_similarity
+
+    set_id = clustering_meta(ws, clustering_id)["config"]["embedding_set"]
+    if analysis is None:
+        found = pool_analyses(ws, set_id)
+        if not found:
+            raise DataError(f"no train-test similarity analysis of '{set_id}' (the pool of clustering "
+                            f"'{clustering_id}')", hint="run `prunescope similarity` with this pool first")
+        analysis = found[0]
+    benchmarks = tuple(str(r["benchmark"]) for r in analysis_meta(ws, analysis)["summary"])
+    index = pd.Index(ids)
+    max_sim = np.full((len(ids), len(benchmarks)), np.nan, np.float32)
+    closer = np.zeros((len(ids), len(benchmarks)), bool)
+    for b, bench in enumerate(benchmarks):
+        pool = load_similarity(ws, analysis, bench, "pool")
+        at = index.get_indexer(pool["id"])
+        hit = at >= 0
+        max_sim[at[hit], b] = pool["max_sim"].to_numpy(np.float32)[hit]
+        closer[at[hit], b] = pool["closer"].to_numpy(bool)[hit]
+    if np.isnan(max_sim).all():
+        raise DataError(f"similarity analysis '{analysis}' shares no sample with clustering '{clustering_id}'",
+                        hint="analyse the clustering's own embedding set")
+    return SimilarityTable(analysis, benchmarks, max_sim, closer)
 
 
 def workspace_clip_scores(ws: Workspace, clustering_id: str, rows: np.ndarray) -> np.ndarray:

@@ -93,3 +93,14 @@ def test_usage_error_exit_code(cli):
 @pytest.mark.parametrize("size", ["huge"])
 def test_demo_unknown_size(cli, size):
     assert_one_line_error(cli("demo", "--size", size), 2, "unknown demo size")
+
+
+def test_step_lists_keep_their_commas():
+    from core.cli import _parse_step
+    from core.errors import ConfigError
+
+    assert _parse_step("similarity:benchmarks=val,v2,mode=near,count=5") == (
+        "similarity", {"benchmarks": "val,v2", "mode": "near", "count": "5"})
+    assert _parse_step("dbp:keep_fraction=0.5") == ("dbp", {"keep_fraction": "0.5"})
+    with pytest.raises(ConfigError, match="not key=value"):
+        _parse_step("dbp:0.5")

@@ -274,3 +274,33 @@ def test_demo_similarity_stage_summarises_every_benchmark(demo_ws):
     assert table["share_test_pool_closer"].between(0, 1).all()
     assert (table["n_pool_closer"] >= 1).all() and (table["n_pool_closer"] < 1938).all()
     assert "[similarity]" in out
+
+
+def test_demo_reproduces_the_papers_near_and_far_benchmarks(demo_ws):
+    """val and v2 sit near the reference (ImageNet-train's role), sketch and rendition far from it; the pool
+    holds fewer samples closer than reference to the far benchmarks than to the near ones."""
+    ws, _, _ = demo_ws
+    df = Workspace(ws, create=False).catalog.query(
+        "SELECT dataset, metric, value FROM metrics WHERE run_id = 'pool.vs.reference'")
+    table = df.pivot(index="dataset", columns="metric", values="value")
+    near, far = ["val", "v2"], ["sketch", "rendition"]
+    assert table.loc[near, "median_s_ref"].min() > table.loc[far, "median_s_ref"].max()
+    assert table.loc[near, "n_pool_closer"].min() > table.loc[far, "n_pool_closer"].max()
+
+
+def test_similarity_pruning_from_the_cli_removes_the_closer_samples(demo_ws, cli):
+    from core.similarity_stage import load_similarity
+
+    ws, _, _ = demo_ws
+    proc = cli("prune", "pool.demo-clip", "--step", "similarity:benchmarks=val,v2", "--id", "cli-near",
+               workspace=ws)
+    assert proc.returncode == 0, proc.stderr
+    w = Workspace(ws, create=False)
+    closer = set()
+    for bench in ("val", "v2"):
+        pool = load_similarity(w, "pool.vs.reference", bench, "pool")
+        closer |= set(pool.loc[pool["closer"], "id"])
+    manifest = pd.read_parquet(Path(ws) / "manifests" / "cli-near.parquet")
+    assert set(manifest.loc[~manifest["kept"], "id"]) == closer
+    demo = pd.read_parquet(Path(ws) / "manifests" / "pool.similarity-ref.parquet")
+    assert (~demo["kept"]).sum() >= len(closer)  # all five benchmarks remove at least what two do

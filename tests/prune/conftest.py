@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.prune import PruneContext
+from core.prune.similarity import SimilarityTable
 
 
 @dataclass
@@ -24,10 +25,30 @@ class Planted:
     X: np.ndarray
     clip: np.ndarray
     dup_of: np.ndarray
+    similarity: SimilarityTable
 
     def context(self, **kw) -> PruneContext:
+        kw.setdefault("similarity", self.similarity)
         return PruneContext.from_arrays(self.ids, self.labels, self.dist, self.centroids, self.X,
                                         clip_scores=self.clip, **kw)
+
+
+def planted_similarity(X: np.ndarray, rng: np.random.Generator, n_missing: int = 4) -> SimilarityTable:
+    """Two benchmarks by brute force: ``near`` = noisy copies of 12 rows, ``far`` = random directions;
+    the reference = 30 other noisy copies; ``n_missing`` rows are left out of the analysis (NaN)."""
+    def noisy(rows: np.ndarray, scale: float) -> np.ndarray:
+        T = X[rows] + scale * rng.normal(size=(len(rows), X.shape[1]))
+        return T / np.linalg.norm(T, axis=1, keepdims=True)
+
+    tests = {"near": noisy(rng.choice(len(X), 12, replace=False), 0.05),
+             "far": noisy(rng.choice(len(X), 8, replace=False), 2.0)}
+    R = noisy(rng.choice(len(X), 30, replace=False), 0.3)
+    sims = {b: X @ T.T for b, T in tests.items()}
+    max_sim = np.stack([s.max(1) for s in sims.values()], 1).astype(np.float32)
+    closer = np.stack([(s > (T @ R.T).max(1)[None, :]).any(1) for s, T in zip(sims.values(), tests.values(), strict=True)], 1)
+    missing = rng.choice(len(X), n_missing, replace=False)
+    max_sim[missing], closer[missing] = np.nan, False
+    return SimilarityTable("planted", tuple(tests), max_sim, closer)
 
 
 def make_planted(k: int = 5, per: int = 60, dim: int = 32, n_dups: int = 40, seed: int = 0) -> Planted:
@@ -51,7 +72,8 @@ def make_planted(k: int = 5, per: int = 60, dim: int = 32, n_dups: int = 40, see
     clip = rng.uniform(0.1, 0.4, len(X)).astype(np.float32)
     clip[rng.choice(len(X), 5, replace=False)] = np.nan
     return Planted(np.array([f"r{i:04d}" for i in range(len(X))], dtype=object), sims.argmax(1),
-                   (1 - sims.max(1)).astype(np.float32), C.astype(np.float32), X, clip, dup_of)
+                   (1 - sims.max(1)).astype(np.float32), C.astype(np.float32), X, clip, dup_of,
+                   planted_similarity(X, rng))
 
 
 @pytest.fixture(scope="session")

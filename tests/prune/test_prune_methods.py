@@ -46,7 +46,7 @@ def test_registry_metadata_renders_forms(name):
 
 def test_unknown_method_lists_the_available_ones(planted):
     with pytest.raises(UnknownName, match="'semdup' not found.*did you mean 'semdedup'.*available: clip_score, dbp, "
-                                          "random, semdedup, ssp"):
+                                          "random, semdedup, similarity, ssp"):
         select(planted.context(), "semdup")
 
 

@@ -167,3 +167,19 @@ def test_bad_input() -> None:
         closer_than_reference(Q, np.zeros(2, np.float32), [(0, X)])
     with pytest.raises(DataError, match="contiguous"):
         closer_than_reference(Q, np.zeros(3, np.float32), [(0, X[:5]), (6, X[5:])])
+
+
+def test_many_benchmarks_in_one_pass_equal_one_at_a_time() -> None:
+    from core.similarity import closer_than_reference_many
+
+    rng = np.random.default_rng(7)
+    P = unit(300, 1, 24)
+    tests = [unit(q, 2 + q, 24) for q in (5, 11, 1)]
+    refs = [rng.uniform(0.2, 0.6, len(T)).astype(np.float32) for T in tests]
+    many = closer_than_reference_many(tests, refs, row_blocks(P, 70), batch=33)
+    for T, s, got in zip(tests, refs, many, strict=True):
+        one = closer_than_reference(T, s, row_blocks(P, 300))
+        for field in ("argmax_test", "closer", "n_closer", "nn_pool_idx"):  # discrete: identical
+            assert np.array_equal(getattr(one, field), getattr(got, field)), field
+        for field in ("s_ref", "max_sim", "nn_pool_sim"):  # BLAS may round another matrix shape 1 ulp apart
+            assert np.allclose(getattr(one, field), getattr(got, field), rtol=0, atol=1e-6), field

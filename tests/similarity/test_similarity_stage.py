@@ -34,7 +34,7 @@ def sets(tmp_path):
     from core.workspace import Workspace
 
     rng = np.random.default_rng(0)
-    data = {"pool": _unit(rng, 90), "ref": _unit(rng, 30), "bench": _unit(rng, 12)}
+    data = {"pool": _unit(rng, 90), "ref": _unit(rng, 30), "bench": _unit(rng, 12), "far": _unit(rng, 7)}
     data["pool"][:5] = data["bench"][:5] + 0.01 * _unit(rng, 5)  # near copies of five test samples
     ws = Workspace(tmp_path / "ws")
     ids = {}
@@ -67,6 +67,35 @@ def test_stage_equals_brute_force_and_registers_metrics(sets):
     assert int(summary.loc[0, "n_prune"]) == int(closer.sum())
     metrics = ws.catalog.query("SELECT metric, value FROM metrics WHERE run_id = 'a1' AND dataset = 'bench'")
     assert dict(zip(metrics["metric"], metrics["value"], strict=True))["n_pool_closer"] == closer.sum()
+
+
+def test_two_benchmarks_in_one_pass_equal_one_each(sets):
+    ws, ids, data = sets
+    both = run_similarity(ws, SimilarityConfig(pool_set=ids["pool"], reference_set=ids["ref"],
+                                               benchmark_sets=(ids["bench"], ids["far"]), analysis_id="ab"))
+    assert list(both["benchmark"]) == ["bench", "far"]
+    for bench in ("bench", "far"):
+        run_similarity(ws, SimilarityConfig(pool_set=ids["pool"], reference_set=ids["ref"],
+                                            benchmark_sets=(ids[bench],), analysis_id=f"one-{bench}"))
+        for part in ("test", "pool"):
+            one = load_similarity(ws, f"one-{bench}", bench, part)
+            both_part = load_similarity(ws, "ab", bench, part)
+            floats = [c for c in one.columns if one[c].dtype.kind == "f"]
+            assert one.drop(columns=floats).equals(both_part.drop(columns=floats)), (bench, part)
+            assert np.allclose(one[floats], both_part[floats], rtol=0, atol=1e-6, equal_nan=True)
+    P, R, T = (_unit_f16(data[k]) for k in ("pool", "ref", "far"))
+    closer = ((T @ R.T).max(1)[None, :] < P @ T.T).any(1)
+    assert int(both.set_index("benchmark").loc["far", "n_prune"]) == int(closer.sum())
+
+
+def test_sets_of_different_models_are_refused(sets, tmp_path):
+    from core.embed import import_laion_embeddings
+    from core.errors import DataError
+
+    ws, ids, _ = sets
+    other = import_laion_embeddings(ws, "bench", model="another-model").id
+    with pytest.raises(DataError, match="different models.*another-model"):
+        run_similarity(ws, SimilarityConfig(pool_set=ids["pool"], reference_set=ids["ref"], benchmark_sets=(other,)))
 
 
 def test_rerun_replaces_the_metrics(sets):
