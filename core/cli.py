@@ -31,8 +31,11 @@ embeddings_app = typer.Typer(help="List and import embedding sets.", no_args_is_
 app.add_typer(embeddings_app, name="embeddings")
 eval_app = typer.Typer(help="Evaluate models (zero-shot, corruptions, detection).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
-train_app = typer.Typer(help="Train models (CLIP on a dataset or a pruning manifest).", no_args_is_help=True)
+train_app = typer.Typer(help="Train models (CLIP, image classifiers with noise), on a dataset or a manifest.",
+                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
+adapt_app = typer.Typer(help="Test-time adaptation methods and their hyper-parameter selection.", no_args_is_help=True)
+app.add_typer(adapt_app, name="adapt")
 experiment_app = typer.Typer(help="Controlled experiments that check a method's claim.", no_args_is_help=True)
 app.add_typer(experiment_app, name="experiment")
 
@@ -455,6 +458,134 @@ def train_clip_cmd(
     state = "finished" if result.finished else f"stopped at step {result.steps}/{result.total_steps}"
     typer.echo(f"run {result.run_id} {state}: final loss {result.final_loss:.4f}, {result.img_per_s:.1f} img/s, "
                f"checkpoint {result.checkpoint}")
+
+
+@train_app.command("classifier")
+def train_classifier_cmd(
+    dataset: Annotated[str | None, typer.Argument(help="registered labelled dataset (class sub-folders)")] = None,
+    arch: Annotated[str, typer.Option(help="classifier architecture (resnet-demo, resnet18, resnet50, ...)")] = "resnet-demo",
+    noise: Annotated[str, typer.Option(help="none | gaussian | speckle | ant (noise on half of each batch)")] = "none",
+    noise_sigma: Annotated[float | None, typer.Option(help="fixed noise std (default: the paper's per-image set)")] = None,
+    epochs: Annotated[int, typer.Option(help="passes over the data")] = 10,
+    steps: Annotated[int | None, typer.Option(help="optimiser updates in total (overrides --epochs)")] = None,
+    batch_size: Annotated[int, typer.Option(help="images per update")] = 64,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 0.05,
+    manifest: Annotated[str | None, typer.Option(help="train only on a pruning manifest's kept ids")] = None,
+    val_dataset: Annotated[str | None, typer.Option(help="labelled dataset for the clean accuracy")] = None,
+    seed: Annotated[int, typer.Option(help="init, data order, augmentation, noise")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="any other config field key=value")] = None,
+    resume: Annotated[str | None, typer.Option(help="resume this run id with its stored config")] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Train an image classifier, optionally with Gaussian / speckle / adversarial noise (Rusak et al. 2020)."""
+    from core.train.classifier import TrainClassifierConfig, load_run_config, train_classifier
+
+    ws = _ws(workspace)
+    if resume:
+        cfg = load_run_config(ws, resume)
+    else:
+        if not dataset:
+            raise ConfigError("name the dataset to train on (or --resume RUN_ID)")
+        values: dict[str, Any] = dict(dataset=dataset, arch=arch, noise=noise, noise_sigma=noise_sigma, epochs=epochs,
+                                      steps=steps, batch_size=batch_size, lr=lr, manifest=manifest,
+                                      val_dataset=val_dataset, seed=seed, device=device)
+        cfg = TrainClassifierConfig.from_dict({**values, **_parse_options(option)})
+    result = train_classifier(ws, cfg, progress=sys.stderr.isatty())
+    state = "finished" if result.finished else f"stopped at step {result.steps}/{result.total_steps}"
+    val = f", clean val accuracy {result.val_accuracy:.1%}" if result.val_accuracy is not None else ""
+    typer.echo(f"run {result.run_id} {state}: final loss {result.final_loss:.4f}{val}, checkpoint {result.checkpoint}")
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise ConfigError(f"expected a comma list of integers; got {value!r}") from None
+
+
+@adapt_app.command("methods")
+def adapt_methods() -> None:
+    """The registered adaptation methods, their papers and parameters (with the reference defaults)."""
+    from core.adapt import ADAPTERS
+
+    for name in ADAPTERS.names():
+        entry = ADAPTERS.entry(name)
+        typer.echo(f"{name}: {entry.summary}" + (f" [{entry.paper}]" if entry.paper else ""))
+        for spec in entry.params:
+            typer.echo(f"    {spec.name} ({spec.kind}, default {spec.default}): {spec.help}")
+
+
+@adapt_app.command("select")
+def adapt_select(
+    dataset: Annotated[str, typer.Argument(help="labelled dataset (clean, corrupted on the fly, or a corrupted tree)")],
+    model: Annotated[list[str], typer.Option("--model", help="[LABEL=]CHECKPOINT | RUN_ID; repeatable")],
+    method: Annotated[str, typer.Option(help="adaptation method")] = "tent",
+    param: Annotated[str, typer.Option(help="the parameter to choose")] = "lr",
+    values: Annotated[str, typer.Option(help="comma list of candidate values")] = "1e-4,2.5e-4,1e-3",
+    severities: Annotated[str, typer.Option(help="comma list of 1-5")] = "1,2,3,4,5",
+    batch_size: Annotated[int, typer.Option(help="test batch size")] = 64,
+    limit: Annotated[int | None, typer.Option(help="images per domain")] = None,
+    seed: Annotated[int, typer.Option(help="corruption noise and batch order")] = 0,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Choose a method's hyper-parameter on the four hold-out corruptions only, and record the choice."""
+    from core.evaluate.corruption import CorruptionEvalConfig, select_hyperparameter
+
+    base = CorruptionEvalConfig(dataset=dataset, models=tuple(model), severities=_ints(severities),
+                                adaptations=(method,), batch_size=batch_size, limit=limit, seed=seed, clean=False)
+    candidates = [float(v) for v in _csv(values)]
+    chosen, table = select_hyperparameter(_ws(workspace), base, method, param, candidates,
+                                          progress=sys.stderr.isatty())
+    _print_table(table)
+    typer.echo(f"selected {method} {param} = {chosen} (on the hold-out corruptions)")
+
+
+@eval_app.command("corruptions")
+def eval_corruptions(
+    dataset: Annotated[str, typer.Argument(help="labelled dataset: clean (corrupted on the fly) or imagenet_c / cifar_c")],
+    model: Annotated[list[str], typer.Option("--model", help="[LABEL=]CHECKPOINT | RUN_ID | clip:CHECKPOINT | "
+                                                          "clip:ARCH:TAG; repeatable")],
+    corruptions: Annotated[str | None, typer.Option(help="comma list (default: the 15 test corruptions)")] = None,
+    severities: Annotated[str, typer.Option(help="comma list of 1-5")] = "1,2,3,4,5",
+    adapt: Annotated[str, typer.Option(help="comma list of adaptation methods (prunescope adapt methods)")] = "none",
+    setting: Annotated[str, typer.Option(help="reset (source model per domain) | continual")] = "reset",
+    clean_dataset: Annotated[str | None, typer.Option(help="clean counterpart of a corrupted tree")] = None,
+    batch_size: Annotated[int, typer.Option(help="test batch size (fixed for every method)")] = 64,
+    limit: Annotated[int | None, typer.Option(help="images per domain (a quick look)")] = None,
+    corrupt_size: Annotated[int | None, typer.Option(help="centre-crop to N px before corrupting (224 = ImageNet-C)")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="METHOD.param=value, e.g. tent.lr=1e-3")] = None,
+    seed: Annotated[int, typer.Option(help="corruption noise and batch order")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    num_workers: Annotated[int, typer.Option(help="image loading processes")] = 0,
+    resume: Annotated[str | None, typer.Option(help="resume this run id")] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Error per corruption x severity x adaptation; mCE, relative mCE, mean error (all severities and sev 5)."""
+    from core.evaluate.corruption import CorruptionEvalConfig, evaluate_corruptions, summaries
+
+    params: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_options(option).items():
+        method, dot, name = key.partition(".")
+        if not dot:
+            raise ConfigError(f"option {key!r} must be METHOD.param=value", hint="e.g. -o tent.lr=1e-3")
+        params.setdefault(method, {})[name] = value
+    cfg = CorruptionEvalConfig(
+        dataset=dataset, models=tuple(model), corruptions=_csv(corruptions),
+        severities=_ints(severities), adaptations=_csv(adapt),
+        adapt_params=params, setting=setting, clean_dataset=clean_dataset, batch_size=batch_size, limit=limit,
+        corrupt_size=corrupt_size, seed=seed, device=device, num_workers=num_workers, run_id=resume)
+    results = evaluate_corruptions(_ws(workspace), cfg, progress=sys.stderr.isatty())
+    table = summaries(results)
+    if table.empty:
+        table = results.groupby(["model", "adaptation"], as_index=False)["error"].mean()
+    else:
+        table = table.pivot_table(index=["model", "adaptation"], columns="metric", values="value").reset_index()
+    _print_table(table)
 
 
 @experiment_app.command("aninfonce")

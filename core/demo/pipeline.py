@@ -270,6 +270,47 @@ def stage_similarity(ctx: DemoContext) -> str:
     return "; ".join(lines) + f"; {info.id} keeps {info.n_kept} of {info.n_in}"
 
 
+#: The demo's classifiers: (name, noise) trained on the reference set (ImageNet-train's role).
+DEMO_CLASSIFIERS = (("vanilla", "none"), ("gaussian", "gaussian"))
+#: Classifier updates per world size (batch 32).
+CLASSIFIER_STEPS = {"tiny": 240, "small": 600, "full": 1500}
+#: The adaptation methods the demo compares under corruptions.
+DEMO_ADAPTATIONS = ("none", "bn", "tent", "rpl")
+
+
+def stage_robustness(ctx: DemoContext) -> str:
+    """Train the small BN ResNet twice (vanilla and Gaussian noise, Rusak et al. 2020) on the reference
+    set and evaluate both, and the demo CLIP zero-shot, on corrupted ``val`` (15 x 5) with none / bn /
+    tent / rpl (the CLIP is not applicable to the BN methods)."""
+    from core.evaluate.corruption import CorruptionEvalConfig, evaluate_corruptions, summaries
+    from core.train.classifier import TrainClassifierConfig, train_classifier
+
+    state = _state(ctx).get("robustness", {})
+    runs = dict(state.get("classifiers", {}))
+    for name, noise in DEMO_CLASSIFIERS:
+        if name in runs:
+            continue
+        cfg = TrainClassifierConfig(dataset="reference", arch="resnet-demo", noise=noise, steps=CLASSIFIER_STEPS[ctx.size],
+                                    batch_size=32, lr=0.05, val_dataset="val", seed=ctx.seed, cpu_threads=1,
+                                    checkpoint_every=0)
+        result = train_classifier(ctx.ws, cfg, progress=ctx.progress)
+        runs[name] = result.run_id
+        _save_state(ctx, robustness={**state, "classifiers": runs})
+    if state.get("eval_run") and state.get("checkpoint") == _checkpoint(ctx):
+        return f"robustness already evaluated (run {state['eval_run']})"
+    models = tuple(f"resnet-demo {name}={run}" for name, run in runs.items()) + (
+        f"demo-clip zero-shot=clip:{_checkpoint(ctx)}",)
+    grid = CorruptionEvalConfig(dataset="val", models=models, adaptations=DEMO_ADAPTATIONS, batch_size=40,
+                                seed=ctx.seed)
+    results = evaluate_corruptions(ctx.ws, grid, progress=ctx.progress)
+    run_id = ctx.ws.catalog.query("SELECT id FROM runs WHERE kind = 'eval-corruptions' ORDER BY started_at DESC "
+                                  "LIMIT 1")["id"].iloc[0]
+    _save_state(ctx, robustness={"classifiers": runs, "eval_run": str(run_id), "checkpoint": _checkpoint(ctx)})
+    table = summaries(results)
+    mce = table[table["metric"] == "mCE"]
+    return "mCE " + ", ".join(f"{r.model}/{r.adaptation} {r.value:.1f}" for r in mce.itertuples())
+
+
 STAGES: list[tuple[str, Stage]] = [
     ("generate", stage_generate),
     ("register", stage_register),
@@ -281,6 +322,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("maps", stage_maps),
     ("prune", stage_prune),
     ("similarity", stage_similarity),
+    ("robustness", stage_robustness),
 ]
 
 

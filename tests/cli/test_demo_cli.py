@@ -28,7 +28,7 @@ def demo_ws(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "core.cli", "demo", "--size", "tiny", "--workspace", str(ws)],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr
     return ws, proc.stdout, time.perf_counter() - t0
 
