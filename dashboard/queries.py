@@ -390,3 +390,134 @@ def index_rows(root: str, dataset: str, ids: list[str]) -> pd.DataFrame:
     rows = index[index["id"].isin(wanted)].drop_duplicates("id").set_index("id", drop=False)
     rows = rows.loc[[i for i in wanted if i in rows.index]].reset_index(drop=True)
     return rows.astype(object).where(rows.notna(), None)
+
+
+# -- robustness ---------------------------------------------------------------------------------------
+#: Columns of a corruption evaluation's metrics rows (see :func:`corruption_metrics`).
+CORRUPTION_COLUMNS = ["run_id", "started_at", "model", "dataset", "corruption", "severity", "adaptation", "metric",
+                      "value"]
+#: Columns of :func:`robustness_headlines`.
+HEADLINE_COLUMNS = ["run_id", "started_at", "model", "adaptation", "value", "partial", "missing", "note",
+                    "clean_error", "relative_mce"]
+#: Identifies one grid: (run id, model label, adaptation).
+Combo = tuple[str, str, str]
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def corruption_metrics(root: str) -> pd.DataFrame:
+    """Every metrics row of the corruption evaluations (runs of kind ``eval-corruptions``, or any run with
+    per-corruption ``error`` rows), newest run first: :data:`CORRUPTION_COLUMNS`.
+
+    Errors and summaries are in % as written; a NULL run id, model or dataset reads ``(none)``, a NULL
+    adaptation ``none`` (the column's default), a NULL severity 0.
+    """
+    return _ws(root).catalog.query(
+        "WITH evals AS (SELECT id FROM runs WHERE kind = 'eval-corruptions' "
+        "UNION SELECT DISTINCT run_id FROM metrics WHERE metric = 'error' AND corruption IS NOT NULL) "
+        "SELECT coalesce(m.run_id, '(none)') AS run_id, r.started_at, coalesce(m.model, '(none)') AS model, "
+        "coalesce(m.dataset, '(none)') AS dataset, m.corruption, coalesce(m.severity, 0) AS severity, "
+        "coalesce(m.adaptation, 'none') AS adaptation, m.metric, m.value "
+        "FROM metrics m JOIN evals e ON e.id IS NOT DISTINCT FROM m.run_id LEFT JOIN runs r ON r.id = m.run_id "
+        "ORDER BY r.started_at DESC NULLS LAST, run_id, model, adaptation, m.corruption NULLS FIRST, severity"
+    )
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def reference_robustness(root: str) -> tuple[pd.DataFrame, bool]:
+    """Published numbers (``reference_results``, values in %) and whether they come from the catalog.
+
+    A catalog whose table is still empty (the demo loads it) falls back to the copy shipped in ``data/``,
+    so the page can always show them; the flag is False then.
+    """
+    from core.reference import REFERENCE_COLUMNS, reference_results
+
+    order = ["source", "dataset", "model", "adaptation", "metric", "corruption"]
+    df = _ws(root).catalog.query(
+        f"SELECT {', '.join(REFERENCE_COLUMNS)} FROM reference_results ORDER BY {', '.join(order[:-1])}, "
+        "corruption NULLS FIRST"
+    )
+    if not df.empty:
+        return df, True
+    shipped = reference_results().sort_values(order, na_position="first", kind="stable")
+    return shipped.reset_index(drop=True), False
+
+
+def _errors(rows: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The per-domain and clean ``error`` rows of ``dataset``."""
+    return rows[(rows["dataset"] == dataset) & (rows["metric"] == "error")]
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def robustness_headlines(root: str, dataset: str, protocol: str) -> pd.DataFrame:
+    """The protocol's headline per (run, model, adaptation) of ``dataset``: :data:`HEADLINE_COLUMNS`.
+
+    ``value`` is the mCE (``all``) or the mean error at severity 5 (``sev5``), in %, computed from the
+    per-domain error rows by :mod:`core.evaluate.robustness`; an incomplete grid gives the mean over the
+    complete test corruptions with ``partial`` True and ``missing`` saying what is absent. A grid the metric
+    functions reject keeps ``value`` NaN with their one-line message in ``note``. ``clean_error`` in %
+    (NaN without a clean row); ``relative_mce`` in % (``all`` only, needs the clean error).
+    """
+    errors = _errors(corruption_metrics(root), dataset)
+    keys = ["run_id", "model", "adaptation"]
+    rows = [_headline(errors.loc[idx], protocol) for _, idx in errors.groupby(keys, sort=False).groups.items()]
+    return pd.DataFrame(rows, columns=HEADLINE_COLUMNS)
+
+
+def _headline(group: pd.DataFrame, protocol: str) -> dict[str, Any]:
+    """One grid's headline row (see :func:`robustness_headlines`)."""
+    from core.errors import PrunescopeError
+    from core.evaluate import robustness
+
+    first = group.iloc[0]
+    out: dict[str, Any] = {"run_id": first["run_id"], "started_at": first["started_at"], "model": first["model"],
+                           "adaptation": first["adaptation"], "value": float("nan"), "partial": False,
+                           "missing": "", "note": "", "clean_error": float("nan"), "relative_mce": float("nan")}
+    clean = group.loc[group["corruption"].isna(), "value"]
+    if len(clean):
+        out["clean_error"] = float(clean.iloc[-1])
+    grid = group[group["corruption"].notna()]
+    if grid.empty:
+        out["note"] = "no per-corruption errors"
+        return out
+    table = pd.DataFrame({"corruption": grid["corruption"], "severity": grid["severity"], "error": grid["value"] / 100})
+    try:
+        if protocol == "all":
+            part = robustness.mce(table, allow_partial=True)
+        else:
+            part = robustness.mean_error(table, protocol=protocol, allow_partial=True)
+        if protocol == "all" and len(clean):
+            out["relative_mce"] = robustness.relative_mce(table, out["clean_error"] / 100, allow_partial=True).value
+    except PrunescopeError as exc:
+        out["note"] = exc.one_line()
+        return out
+    out["value"], out["partial"] = part.value, bool(part.missing)
+    out["missing"] = "; ".join(f"{c} ({', '.join(map(str, s))})" for c, s in part.missing.items())
+    if part.missing:
+        out["note"] = f"partial ({15 - len(part.missing)} of 15)"
+    return out
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def robustness_grid(root: str, dataset: str, combo: Combo) -> tuple[pd.DataFrame, float | None]:
+    """One grid: error in % by corruption (rows: all 15 test then the 4 hold-out corruptions, evaluated or
+    not, then any other name alphabetically) x severity (columns 1-5; missing cells NaN), and the clean error
+    in % (or None). Repeated cells are averaged here; :func:`robustness_headlines` reports them."""
+    from core.corrupt import ALL_CORRUPTIONS, SEVERITIES
+
+    errors = _errors(corruption_metrics(root), dataset)
+    run_id, model, adaptation = combo
+    mine = errors[(errors["run_id"] == run_id) & (errors["model"] == model) & (errors["adaptation"] == adaptation)]
+    clean = mine.loc[mine["corruption"].isna(), "value"]
+    cells = mine[mine["corruption"].notna() & mine["severity"].isin(SEVERITIES)]
+    grid = cells.pivot_table(index="corruption", columns="severity", values="value", aggfunc="mean")
+    grid = grid.reindex(index=[*ALL_CORRUPTIONS, *sorted(set(grid.index) - set(ALL_CORRUPTIONS))],
+                        columns=list(SEVERITIES))
+    grid.index.name, grid.columns.name = "corruption", "severity"
+    return grid.astype(float), (float(clean.iloc[-1]) if len(clean) else None)
+
+
+def not_applicable(rows: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The (run, model, adaptation) combinations of ``dataset`` an evaluation marked not applicable
+    (e.g. TENT on a model without BatchNorm): ``run_id, model, adaptation``."""
+    na = rows[(rows["dataset"] == dataset) & (rows["metric"] == "not_applicable")]
+    return na[["run_id", "model", "adaptation"]].drop_duplicates().reset_index(drop=True)

@@ -36,5 +36,5 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec("app_pages/pruning.py", "Pruning", ":material/content_cut:", "pruning"),
     PageSpec("app_pages/similarity.py", "Similarity", ":material/compare_arrows:", "similarity"),
     # PageSpec("app_pages/runs.py", "Runs", ":material/play_circle:", "runs"),
-    # PageSpec("app_pages/robustness.py", "Robustness", ":material/shield:", "robustness"),
+    PageSpec("app_pages/robustness.py", "Robustness", ":material/shield:", "robustness"),
 )
