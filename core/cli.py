@@ -34,6 +34,9 @@ app.add_typer(eval_app, name="eval")
 train_app = typer.Typer(help="Train models (CLIP, image classifiers with noise), on a dataset or a manifest.",
                          no_args_is_help=True)
 app.add_typer(train_app, name="train")
+jobs_app = typer.Typer(help="Background jobs: stages run as their own processes, queued in the runs table.",
+                       no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 adapt_app = typer.Typer(help="Test-time adaptation methods and their hyper-parameter selection.", no_args_is_help=True)
 app.add_typer(adapt_app, name="adapt")
 experiment_app = typer.Typer(help="Controlled experiments that check a method's claim.", no_args_is_help=True)
@@ -586,6 +589,89 @@ def eval_corruptions(
     else:
         table = table.pivot_table(index=["model", "adaptation"], columns="metric", values="value").reset_index()
     _print_table(table)
+
+
+@jobs_app.command("stages")
+def jobs_stages() -> None:
+    """The stages a job can run, and their parameters."""
+    from core.jobs import STAGES
+
+    for name in STAGES.names():
+        entry = STAGES.entry(name)
+        typer.echo(f"{name}: {entry.summary}")
+        for spec in entry.params:
+            typer.echo(f"    {spec.name} ({spec.kind}{', required' if spec.required else ''}, default {spec.default})")
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    stage: Annotated[str, typer.Argument(help="a stage (prunescope jobs stages)")],
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="parameter key=value, repeatable")] = None,
+    start: Annotated[bool, typer.Option(help="start it now when under the concurrency limits")] = True,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Queue a stage with validated parameters (refused, with the reason, before anything is written)."""
+    from core.jobs import schedule, submit
+
+    ws = _ws(workspace)
+    run_id = submit(ws, stage, _parse_options(option))
+    started = schedule(ws) if start else []
+    typer.echo(f"job {run_id} {'started' if run_id in started else 'queued'}")
+
+
+@jobs_app.command("list")
+def jobs_list(workspace: WorkspaceOpt = None) -> None:
+    """Jobs, newest first, with their status and progress."""
+    from core.jobs import list_jobs, refresh
+
+    ws = _ws(workspace)
+    refresh(ws)
+    _print_table(list_jobs(ws))
+
+
+@jobs_app.command("status")
+def jobs_status(run_id: str, workspace: WorkspaceOpt = None) -> None:
+    """One job: status, progress and the tail of its log."""
+    from core.jobs import job_status
+
+    info = job_status(_ws(workspace), run_id)
+    for key, value in info.items():
+        if key != "log_tail":
+            typer.echo(f"{key}: {value}")
+    if info.get("log_tail"):
+        typer.echo("--- log tail ---\n" + str(info["log_tail"]))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(run_id: str, grace_s: Annotated[float, typer.Option(help="seconds before SIGKILL")] = 10.0,
+                workspace: WorkspaceOpt = None) -> None:
+    """Cancel a queued or running job (SIGTERM, then SIGKILL after the grace period)."""
+    from core.jobs import cancel
+
+    typer.echo(f"job {run_id}: {cancel(_ws(workspace), run_id, grace_s=grace_s)}")
+
+
+@jobs_app.command("resume")
+def jobs_resume(run_id: str, workspace: WorkspaceOpt = None) -> None:
+    """Re-queue a failed or cancelled job (training and evaluation continue from their checkpoints)."""
+    from core.jobs import resume, schedule
+
+    ws = _ws(workspace)
+    typer.echo(f"job {run_id}: {resume(ws, run_id)}")
+    schedule(ws)
+
+
+@jobs_app.command("run-queue")
+def jobs_run_queue(
+    max_cpu: Annotated[int, typer.Option(help="CPU jobs at once")] = 2,
+    max_gpu: Annotated[int, typer.Option(help="GPU jobs at once")] = 1,
+    until_idle: Annotated[bool, typer.Option(help="return when nothing is queued or running")] = True,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Start queued jobs under the concurrency limits, and keep doing so."""
+    from core.jobs import run_queue
+
+    run_queue(_ws(workspace), max_cpu=max_cpu, max_gpu=max_gpu, until_idle=until_idle)
 
 
 @experiment_app.command("aninfonce")

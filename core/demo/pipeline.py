@@ -301,7 +301,7 @@ def stage_robustness(ctx: DemoContext) -> str:
     models = tuple(f"resnet-demo {name}={run}" for name, run in runs.items()) + (
         f"demo-clip zero-shot=clip:{_checkpoint(ctx)}",)
     grid = CorruptionEvalConfig(dataset="val", models=models, adaptations=DEMO_ADAPTATIONS, batch_size=40,
-                                seed=ctx.seed)
+                                seed=ctx.seed, cpu_threads=1)
     results = evaluate_corruptions(ctx.ws, grid, progress=ctx.progress)
     run_id = ctx.ws.catalog.query("SELECT id FROM runs WHERE kind = 'eval-corruptions' ORDER BY started_at DESC "
                                   "LIMIT 1")["id"].iloc[0]

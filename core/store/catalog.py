@@ -32,7 +32,11 @@ from core.errors import CatalogError, CatalogLocked, SchemaTooNew
 log = logging.getLogger(__name__)
 
 _MIGRATION_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
-_LOCK_MARKERS = ("could not set lock", "conflicting lock", "database is locked", "lock on file")
+# "different configuration": in one process, DuckDB refuses a read-only connection while a read-write one
+# to the same file is open (and the other way round); the writer closes its connection after each
+# statement, so this clears like a lock does (Streamlit sessions are threads of one process).
+_LOCK_MARKERS = ("could not set lock", "conflicting lock", "database is locked", "lock on file",
+                 "different configuration")
 
 
 @dataclass(frozen=True)

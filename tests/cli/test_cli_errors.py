@@ -104,3 +104,16 @@ def test_step_lists_keep_their_commas():
     assert _parse_step("dbp:keep_fraction=0.5") == ("dbp", {"keep_fraction": "0.5"})
     with pytest.raises(ConfigError, match="not key=value"):
         _parse_step("dbp:0.5")
+
+
+def test_jobs_commands_refuse_bad_stages_and_parameters(cli, tmp_path):
+    assert cli("init").returncode == 0
+    stages = cli("jobs", "stages")
+    assert stages.returncode == 0 and "cluster" in stages.stdout and "eval-corruptions" in stages.stdout
+    bad = cli("jobs", "submit", "clusterr")
+    assert bad.returncode == 2 and "cluster" in bad.stderr
+    bad = cli("jobs", "submit", "cluster", "-o", "embedding_set=nope", "-o", "k=0")
+    assert bad.returncode == 2 and "\n" not in bad.stderr.strip()
+    listed = cli("jobs", "list")
+    assert listed.returncode == 0
+    assert not list((tmp_path / "ws" / "runs").glob("*/params.json"))  # nothing was written

@@ -12,7 +12,9 @@ from PIL import Image, ImageEnhance
 
 from core.workspace import Workspace
 
-pytestmark = pytest.mark.slow
+# The module's first test builds the tiny demo (every stage, ~6-8 min on 2 cores, more on a busy machine):
+# its setup needs more than the suite's 600 s per-test limit.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 DEMO_DATASETS = {"pool": "pool", "pool_latent": "pool", "reference": "reference", "val": "benchmark",
                  "sketch": "benchmark", "rendition": "benchmark", "v2": "benchmark", "hard": "benchmark"}
