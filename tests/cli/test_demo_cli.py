@@ -242,8 +242,9 @@ def test_demo_semdedup_removes_planted_exact_duplicates_and_keeps_the_rest(demo_
 def test_demo_prunings_are_registered(demo_ws, cli):
     ws, out, _ = demo_ws
     df = Workspace(ws, create=False).catalog.query("SELECT id, methods, n_in, n_kept FROM prunings ORDER BY id")
-    assert df["id"].tolist() == ["pool.random-50", "pool.semdedup-dbp-50"]
+    assert df["id"].tolist() == ["pool.random-50", "pool.semdedup-dbp-50", "pool.similarity-ref"]
     assert df.set_index("id").loc["pool.semdedup-dbp-50", "methods"] == "semdedup>dbp"
+    assert df.set_index("id").loc["pool.similarity-ref", "methods"] == "similarity"
     assert (df["n_kept"] < df["n_in"]).all() and "[prune]" in out
 
 

@@ -207,19 +207,27 @@ def test_clustering_killed_at_random_points_resumes_to_identical_files(tmp_path)
     victim = jobs.submit(ws, "cluster", {**base, "clustering_id": "victim"})
     rng = np.random.default_rng(SEED + 1)
     folder = ws.dir("clusters", "victim")
-    for trial in range(TRIALS):
-        if trial:
+    kills = 0
+    for _trial in range(TRIALS):
+        if status(ws, victim) == "done":
+            break
+        if status(ws, victim) != "queued":
             jobs.resume(ws, victim)
         jobs.schedule(ws, max_cpu=1)
         pid = wait_started(ws, victim)
-        delay = float(rng.uniform(0.0, 0.8 * stage_s))
+        # Early in the stage: the machine's load varies between the reference run and this one.
+        delay = float(rng.uniform(0.0, 0.4 * stage_s))
         time.sleep(delay)
         log.info("kill point of %s: %.2f s into a stage of about %.2f s", victim, delay, stage_s)
-        assert status(ws, victim) == "running", "the job ended before the kill point"
+        if status(ws, victim) != "running":  # it finished first (a faster moment): not a kill trial
+            continue
         kill_group(pid)
+        kills += 1
         after_kill(ws, victim, folder)
         _check_complete_clustering(folder)
-    jobs.resume(ws, victim)
+    assert kills >= 1, "every trial's job ended before its kill point"
+    if status(ws, victim) in ("failed", "cancelled"):
+        jobs.resume(ws, victim)
     run_until_done(ws, [victim])
 
     ref = ws.dir("clusters", "reference")
