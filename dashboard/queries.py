@@ -521,3 +521,178 @@ def not_applicable(rows: pd.DataFrame, dataset: str) -> pd.DataFrame:
     (e.g. TENT on a model without BatchNorm): ``run_id, model, adaptation``."""
     na = rows[(rows["dataset"] == dataset) & (rows["metric"] == "not_applicable")]
     return na[["run_id", "model", "adaptation"]].drop_duplicates().reset_index(drop=True)
+
+
+# -- runs and jobs ---
+# Jobs change every second while they run, so nothing here is cached except the names a form offers.
+# These are the dashboard's only writes besides manifests and map caches, and all of them go through
+# core.jobs: submit (a validated, typed config; the job process is started from an argument list, never a
+# shell), schedule, cancel and resume.
+#: Lines of a job's ``log.txt`` the Runs page shows.
+JOB_LOG_LINES = 40
+#: Columns of :func:`jobs_table`.
+JOB_TABLE_COLUMNS = ["id", "stage", "status", "fraction", "resource", "submitted_at", "started_at",
+                     "ended_at", "message"]
+
+
+def _job_refs() -> set[tuple[str, str]]:
+    """The (table, key) pairs that job parameters may name (see ``core.jobs.Ref``)."""
+    from core.jobs import STAGES
+
+    return {(ref.table, ref.key) for name in STAGES.names() for ref in STAGES.get(name).refs}
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def ref_names(root: str, table: str, key: str) -> list[str]:
+    """The names a job parameter may take from the catalog (``datasets.name``, ``embedding_sets.id``, ...),
+    sorted; only the pairs some stage's refs declare are accepted."""
+    if (table, key) not in _job_refs():
+        raise ValueError(f"not a job reference: {table}.{key}")
+    df = _ws(root).catalog.query(f"SELECT DISTINCT {key} AS name FROM {table} ORDER BY name")
+    return [str(v) for v in df["name"]]
+
+
+def advance_queue(root: str) -> list[str]:
+    """Move the job queue on: jobs whose process vanished are marked failed and queued jobs start while
+    slots are free (:func:`core.jobs.schedule`, which runs :func:`core.jobs.refresh` first, under the queue
+    lock). Returns the ids started."""
+    from core import jobs
+
+    return jobs.schedule(_ws(root))
+
+
+def submit_job(root: str, stage: str, params: dict[str, Any]) -> str:
+    """Queue a job (validated by :func:`core.jobs.submit`; nothing is written when it raises ConfigError or
+    UnknownName) and start it when a slot is free; returns its run id."""
+    from core import jobs
+
+    run_id = jobs.submit(_ws(root), stage, params)
+    advance_queue(root)
+    runs.clear()
+    return run_id
+
+
+def jobs_table(root: str, limit: int = 200) -> pd.DataFrame:
+    """The latest jobs, newest submission first: :data:`JOB_TABLE_COLUMNS` (``fraction`` in [0, 1] or None
+    while a stage reports no progress; 1 when done)."""
+    from core import jobs
+
+    df = jobs.list_jobs(_ws(root), limit=limit)
+    order = df["submitted_at"].fillna(df["started_at"].astype(str)).astype(str)
+    df = df.assign(_order=order).sort_values(["_order", "id"], ascending=False, kind="stable")
+    return df[JOB_TABLE_COLUMNS].reset_index(drop=True)
+
+
+def _job_params(root: str, run_id: str) -> dict[str, Any]:
+    """A job's ``params.json`` (UnknownName when the run is not a job)."""
+    import json
+
+    from core import jobs
+    from core.errors import UnknownName
+    from core.workspace import validate_name
+
+    path = _ws(root).dir("runs", validate_name(run_id, "run id")) / jobs.PARAMS_FILE
+    try:
+        params: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        params = {}
+    if "job" not in params:
+        raise UnknownName(f"job '{run_id}' not found (no runs/{run_id}/{jobs.PARAMS_FILE})")
+    return params
+
+
+def job_detail(root: str, run_id: str) -> dict[str, Any]:
+    """One job: its ``runs`` row, ``stage``, ``resource``, ``fraction`` and ``progress`` (the latest record)
+    as :func:`core.jobs.job_status` gives them, plus ``log_tail`` (:data:`JOB_LOG_LINES` lines),
+    ``config`` and ``call`` (the stored, resolved parameters), ``outputs``, ``resumes`` and ``history``
+    (every progress record, oldest first)."""
+    from core import jobs
+    from core.runs import read_progress
+
+    ws = _ws(root)
+    job = _job_params(root, run_id)["job"]
+    out = jobs.job_status(ws, run_id)
+    out["log_tail"] = jobs.log_tail(ws, run_id, JOB_LOG_LINES)
+    out["history"] = read_progress(ws.dir("runs", run_id))
+    out.update(config=job.get("config", {}), call=job.get("call", {}), outputs=job.get("outputs", []),
+               resumes=int(job.get("resumes", 0)), submitted_at=job.get("submitted_at"))
+    return out
+
+
+def cancel_job(root: str, run_id: str) -> str:
+    """Cancel a queued or running job (:func:`core.jobs.cancel`: a running one gets SIGTERM, then SIGKILL to
+    its process group after a grace period); returns its final status."""
+    from core import jobs
+
+    status = jobs.cancel(_ws(root), run_id)
+    runs.clear()
+    return status
+
+
+def resume_job(root: str, run_id: str) -> str:
+    """Queue a failed or cancelled job again under its id (training continues from its checkpoint, the other
+    stages skip finished work) and start it when a slot is free; returns the id."""
+    from core import jobs
+
+    jobs.resume(_ws(root), run_id)
+    advance_queue(root)
+    runs.clear()
+    return run_id
+
+
+def rerun_params(root: str, run_id: str) -> tuple[str, dict[str, Any]]:
+    """(stage, parameters) to launch a job like ``run_id`` again, for the Launch form to edit.
+
+    The stored config is the resolved one; a value the config derives by itself when the parameter is left
+    empty (an output id such as ``clustering_id``, ``num_workers``) is left out, so that editing ``k`` names
+    a new clustering instead of overwriting the old one. ``run_id`` (continue that run) is left out too: a
+    re-run is a new job. Call options (``replace``) are kept.
+    """
+    from core import jobs
+    from core.errors import PrunescopeError
+
+    job = _job_params(root, run_id)["job"]
+    stage, config = str(job["stage"]), dict(job.get("config", {}))
+    config.pop("run_id", None)
+    entry = jobs.STAGES.entry(stage)
+    for spec in entry.params:
+        if spec.default is not None or spec.required or config.get(spec.name) is None:
+            continue
+        try:  # what the config makes of the other values alone
+            others = {k: v for k, v in config.items() if k != spec.name}
+            derived = jobs.plain_config(jobs.build_config(stage, others))
+        except PrunescopeError:
+            continue
+        if derived.get(spec.name) == config[spec.name]:
+            config[spec.name] = None
+    return stage, {**config, **dict(job.get("call", {}))}
+
+
+def manifest_dataset(root: str, pruning_id: str) -> str:
+    """The dataset a registered pruning's manifest selects from (its clustering's embedding set's dataset)."""
+    import json
+
+    ws = _ws(root)
+    row = ws.catalog.row("prunings", "id", pruning_id, what="pruning")
+    clustering_id = json.loads(row["config_json"])["clustering_id"]
+    found = ws.catalog.query("SELECT e.dataset FROM clusterings c JOIN embedding_sets e "
+                             "ON e.id = c.embedding_set WHERE c.id = ?", [clustering_id])
+    if found.empty:
+        from core.errors import UnknownName
+
+        raise UnknownName(f"clustering '{clustering_id}' of pruning '{pruning_id}' not found in the catalog")
+    return str(found["dataset"].iloc[0])
+
+
+def train_on_manifest(root: str, pruning_id: str) -> str:
+    """Queue a ``train-clip`` job on the pool restricted to a saved manifest (the stage's other parameters at
+    their defaults; re-run it from the Runs page to change them); returns the job's id."""
+    params = {"dataset": manifest_dataset(root, pruning_id), "manifest": pruning_id}
+    return submit_job(root, "train-clip", params)
+
+
+def clear_result_caches() -> None:
+    """Forget cached catalog reads after a job ended, so the other pages show its results at once."""
+    for fn in (summary, datasets, runs, clusterings, prunings, similarity_analyses, corruption_metrics,
+               zeroshot_results, ref_names):
+        fn.clear()

@@ -35,6 +35,6 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec("app_pages/clusters.py", "Clusters", ":material/bubble_chart:", "clusters"),
     PageSpec("app_pages/pruning.py", "Pruning", ":material/content_cut:", "pruning"),
     PageSpec("app_pages/similarity.py", "Similarity", ":material/compare_arrows:", "similarity"),
-    # PageSpec("app_pages/runs.py", "Runs", ":material/play_circle:", "runs"),
+    PageSpec("app_pages/runs.py", "Runs", ":material/play_circle:", "runs"),
     PageSpec("app_pages/robustness.py", "Robustness", ":material/shield:", "robustness"),
 )

@@ -18,6 +18,7 @@ import streamlit as st
 
 from core.errors import PrunescopeError
 from dashboard import charts, queries, widgets
+from dashboard.app_pages.runs import train_on_manifest_button
 
 KEY = "pruning_"
 DEDUP = "semdedup"
@@ -238,9 +239,11 @@ def _save_section(root: str, cid: str, steps: list[tuple[str, dict[str, Any]]], 
         except PrunescopeError as exc:
             st.error(exc.one_line())
             return
+        st.session_state[KEY + "saved"] = info.id
         st.success(f"Saved: {info.n_kept:,} of {info.n_in:,} rows kept.")
         st.code(f"prunescope export {info.id} --format ids --out kept.txt\n"
                 f"prunescope train clip DATASET --manifest {info.id}", language="bash")
+    train_on_manifest_button(root, st.session_state.get(KEY + "saved"), key=KEY + "train")
 
 
 def _compare_section(root: str, prunings: pd.DataFrame) -> None:

@@ -16,6 +16,7 @@ import streamlit as st
 
 from core.errors import PrunescopeError
 from dashboard import charts, queries, widgets
+from dashboard.app_pages.runs import train_on_manifest_button
 
 KEY = "similarity_"
 PAIRS_PER_PAGE = 6
@@ -204,8 +205,10 @@ def _save(root: str, cid: str, steps: list[tuple[str, dict[str, Any]]]) -> None:
         except PrunescopeError as exc:
             st.error(exc.one_line())
             return
+        st.session_state[KEY + "saved"] = info.id
         st.success(f"Saved {info.id}: {info.n_kept:,} of {info.n_in:,} rows kept.")
         st.code(f"prunescope export {info.id} --format ids --out kept.txt", language="bash")
+    train_on_manifest_button(root, st.session_state.get(KEY + "saved"), key=KEY + "train")
 
 
 if __name__ == "__main__":
