@@ -322,13 +322,13 @@ def fetch_torchvision_weights(model: str, tag: str) -> dict[str, torch.Tensor]:
         WeightsUnavailable: not cached and offline (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``), the
             host unreachable, or the download failed; the message names the file and where to put it.
     """
-    from core.models import _reachable, hub_offline
+    from core.models import hub_offline, reachable
 
     url, cached = torchvision_weights_file(model, tag)
     if cached.is_file():
         return _read_state(cached)
     offline = hub_offline()
-    if offline or not _reachable(urlparse(url).hostname):
+    if offline or not reachable(urlparse(url).hostname):
         raise _unavailable(
             model, tag, url, cached, "offline mode is set" if offline else "the host cannot be reached"
         )
@@ -365,9 +365,9 @@ def load_classifier(path: str | os.PathLike[str], *, device: str | torch.device 
         MissingFileError: no such file. DataError: not a classifier checkpoint, or its weights do not fit.
         UnknownName: it records an architecture this version does not know.
     """
-    from core.models import _load_file, _state_dict_of
+    from core.models import load_file, state_dict_of
 
-    obj = _load_file(Path(path))
+    obj = load_file(Path(path))
     if not isinstance(obj, Mapping) or any(k not in obj for k in ("arch", "num_classes", "state_dict")):
         raise DataError(
             f"{path} is not a prunescope classifier checkpoint (it needs arch, num_classes, state_dict)",
@@ -380,7 +380,7 @@ def load_classifier(path: str | os.PathLike[str], *, device: str | torch.device 
         image_size=obj.get("image_size"),
     )
     try:
-        model.load_state_dict(_state_dict_of(obj, Path(path)))
+        model.load_state_dict(state_dict_of(obj, Path(path)))
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise DataError(

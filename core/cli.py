@@ -41,6 +41,9 @@ adapt_app = typer.Typer(help="Test-time adaptation methods and their hyper-param
 app.add_typer(adapt_app, name="adapt")
 experiment_app = typer.Typer(help="Controlled experiments that check a method's claim.", no_args_is_help=True)
 app.add_typer(experiment_app, name="experiment")
+corrupt_app = typer.Typer(help="Write corrupted copies (ImageNet-C style) of a labelled dataset or a detection set.",
+                          no_args_is_help=True)
+app.add_typer(corrupt_app, name="corrupt")
 
 WorkspaceOpt = Annotated[
     Path | None,
@@ -500,6 +503,78 @@ def train_classifier_cmd(
     typer.echo(f"run {result.run_id} {state}: final loss {result.final_loss:.4f}{val}, checkpoint {result.checkpoint}")
 
 
+@corrupt_app.command("images")
+def corrupt_images(
+    dataset: Annotated[str, typer.Argument(help="registered dataset")],
+    out: Annotated[Path, typer.Argument(help="output folder: <corruption>/<severity>/<class>/<image>.jpeg")],
+    corruptions: Annotated[str | None, typer.Option(help="comma list (default: the 15 test corruptions)")] = None,
+    severities: Annotated[str, typer.Option(help="comma list of 1-5")] = "1,2,3,4,5",
+    size: Annotated[int | None, typer.Option(help="resize + centre-crop to this side first (224 for ImageNet-C)")] = None,
+    seed: Annotated[int, typer.Option(help="corruption noise (per image)")] = 0,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Write an ImageNet-C-style corrupted copy of a labelled dataset (resumable; source untouched)."""
+    from core.corrupt import TEST_CORRUPTIONS, write_imagenet_c
+
+    report = write_imagenet_c(dataset, out, ws=_ws(workspace), corruptions=_csv(corruptions) or TEST_CORRUPTIONS,
+                              severities=_ints(severities), seed=seed, size=size, progress=sys.stderr.isatty())
+    typer.echo(report.summary())
+
+
+@corrupt_app.command("detection")
+def corrupt_detection(
+    data: Annotated[str, typer.Argument(help="COCO json / folder with annotations.json, or a VOC root")],
+    out: Annotated[Path, typer.Argument(help="output folder: <corruption>/<severity>/<file> + annotations.json")],
+    corruptions: Annotated[str | None, typer.Option(help="comma list (default: the 15 test corruptions)")] = None,
+    severities: Annotated[str, typer.Option(help="comma list of 1-5")] = "1,2,3,4,5",
+    split: Annotated[str, typer.Option(help="VOC image set")] = "val",
+    seed: Annotated[int, typer.Option(help="corruption noise (per image)")] = 0,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Write a corrupted copy of a detection set, boxes unchanged (COCO-C / Pascal-C style; resumable)."""
+    from core.corrupt import TEST_CORRUPTIONS
+    from core.detection.data import open_detection, write_corrupted_detection
+    from core.evaluate.detection import resolve_data_path
+
+    ds = open_detection(resolve_data_path(_ws(workspace), data), split=split)
+    report = write_corrupted_detection(ds, out, corruptions=_csv(corruptions) or TEST_CORRUPTIONS,
+                                       severities=_ints(severities), seed=seed, progress=sys.stderr.isatty())
+    typer.echo(report.summary())
+
+
+@train_app.command("detector")
+def train_detector_cmd(
+    data: Annotated[str | None, typer.Argument(help="training ground truth: COCO json / folder, or a VOC root")] = None,
+    arch: Annotated[str, typer.Option(help="detector (demo-frcnn, fasterrcnn_resnet50_fpn, retinanet_resnet50_fpn, "
+                                           "fcos_resnet50_fpn, ...)")] = "demo-frcnn",
+    val_data: Annotated[str | None, typer.Option(help="evaluation set: clean AP / AP50 at the end")] = None,
+    steps: Annotated[int, typer.Option(help="optimiser updates")] = 200,
+    batch_size: Annotated[int, typer.Option(help="images per update")] = 12,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="init, data order, flips, box sampling")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="any other config field key=value")] = None,
+    resume: Annotated[str | None, typer.Option(help="resume this run id with its stored config")] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Train an object detector (torchvision Faster R-CNN / RetinaNet / FCOS, or the small demo one)."""
+    from core.train.detector import TrainDetectorConfig, load_run_config, train_detector
+
+    ws = _ws(workspace)
+    if resume:
+        cfg = load_run_config(ws, resume)
+    else:
+        if not data:
+            raise ConfigError("give the training data (a COCO json / folder or a VOC root), or --resume RUN_ID")
+        values: dict[str, Any] = dict(data=data, arch=arch, val_data=val_data, steps=steps, batch_size=batch_size,
+                                      lr=lr, seed=seed, device=device)
+        cfg = TrainDetectorConfig.from_dict({**values, **_parse_options(option)})
+    result = train_detector(ws, cfg, progress=sys.stderr.isatty())
+    state = "finished" if result.finished else f"stopped at step {result.steps}/{result.total_steps}"
+    val = f", clean AP {result.ap:.1%} / AP50 {result.ap50:.1%}" if result.ap is not None and result.ap50 is not None else ""
+    typer.echo(f"run {result.run_id} {state}: final loss {result.final_loss:.4f}{val}, checkpoint {result.checkpoint}")
+
+
 def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
@@ -589,6 +664,45 @@ def eval_corruptions(
     else:
         table = table.pivot_table(index=["model", "adaptation"], columns="metric", values="value").reset_index()
     _print_table(table)
+
+
+@eval_app.command("detection")
+def eval_detection(
+    data: Annotated[str, typer.Argument(help="COCO json / folder with annotations.json, VOC root, or a corrupted "
+                                             "tree (write_corrupted_detection); workspace-relative allowed")],
+    model: Annotated[list[str], typer.Option("--model", help="[LABEL=]torchvision:ARCH | [LABEL=]PATH.pt | "
+                                                          "[LABEL=]RUN_ID (train-detector); repeatable")],
+    corruptions: Annotated[str | None, typer.Option(help="comma list (default: the 15 test corruptions)")] = None,
+    severities: Annotated[str, typer.Option(help="comma list of 1-5")] = "1,2,3,4,5",
+    clean: Annotated[bool, typer.Option(help="also evaluate the clean images (P, rPC)")] = True,
+    clean_data: Annotated[str | None, typer.Option(help="clean counterpart of a corrupted tree")] = None,
+    metric: Annotated[str, typer.Option(help="primary AP: auto (VOC -> ap50, else ap) | ap | ap50")] = "auto",
+    dataset: Annotated[str | None, typer.Option(help="dataset name stored with the metrics")] = None,
+    split: Annotated[str, typer.Option(help="VOC image set")] = "val",
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 8,
+    limit: Annotated[int | None, typer.Option(help="only the first N images (a quick look)")] = None,
+    seed: Annotated[int, typer.Option(help="corruption noise")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    cpu_threads: Annotated[int | None, typer.Option(help="torch CPU threads (1-2 on a small busy CPU)")] = None,
+    resume: Annotated[str | None, typer.Option(help="resume this run id")] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """COCO AP per corruption x severity; P (clean AP), mPC and rPC (Michaelis et al. 2019)."""
+    from core.evaluate.detection import DetectionEvalConfig, evaluate_detection, summaries
+
+    cfg = DetectionEvalConfig(
+        data=data, models=tuple(model), corruptions=_csv(corruptions), severities=_ints(severities), clean=clean,
+        clean_data=clean_data, metric=metric, dataset=dataset, split=split, batch_size=batch_size, limit=limit,
+        seed=seed, device=device, cpu_threads=cpu_threads, run_id=resume)
+    results = evaluate_detection(_ws(workspace), cfg, progress=sys.stderr.isatty())
+    primary = results.attrs["metric"]
+    table = summaries(results, primary)
+    if table.empty:
+        _print_table(results)
+    else:
+        _print_table(table.pivot_table(index="model", columns="metric", values="value", sort=False).reset_index())
+    typer.echo(f"run {results.attrs['run_id']}: primary metric {primary}" + ("" if (table["metric"] == "mPC").any() else
+                                              "; no mPC (it needs the 15 test corruptions at severities 1-5)"))
 
 
 @jobs_app.command("stages")
@@ -720,11 +834,22 @@ def demo(
     workspace: WorkspaceOpt = None,
     size: Annotated[str, typer.Option(help="tiny | small | full")] = "small",
     seed: Annotated[int, typer.Option(help="seed of the demo world")] = 0,
+    jobs: Annotated[bool, typer.Option("--jobs/--in-process",
+                                       help="run each stage as a job (shown on the Runs page; the default) "
+                                            "or all in this process")] = True,
+    parallel: Annotated[int, typer.Option(help="stages run side by side as jobs when what they need is done")] = 2,
 ) -> None:
-    """Build the demo world into the workspace and run every stage on it (idempotent, resumable)."""
+    """Build the demo world into the workspace and run every stage on it (idempotent, resumable).
+
+    Each stage runs as a job by default, so the Runs page shows it with its log; Ctrl-C cancels the
+    running stage, and running the command again resumes where it stopped.
+    """
     from core.demo.pipeline import run_demo
 
     ws = _ws(workspace)
+    if jobs:
+        run_demo(ws, size=size, seed=seed, jobs=True, parallel=parallel, echo=typer.echo)
+        return
     summary = run_demo(ws, size=size, seed=seed, progress=sys.stderr.isatty())
     for line in summary:
         typer.echo(line)

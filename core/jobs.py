@@ -65,6 +65,7 @@ from core.errors import ConfigError, PrunescopeError, UnknownName
 from core.registry import ParamSpec, Registry
 from core.runs import (
     RUN_ID_ENV,
+    ProgressWriter,
     RunHandle,
     git_revision,
     new_run_id,
@@ -230,7 +231,8 @@ def _docstring_help(module: str, cls_name: str) -> dict[str, str]:
 
 
 #: Fields whose values are files (the form offers a path input).
-PATH_FIELDS = frozenset({"checkpoint", "vocabulary", "templates", "classnames", "cache_dir"})
+PATH_FIELDS = frozenset({"checkpoint", "vocabulary", "templates", "classnames", "cache_dir", "data", "val_data",
+                         "clean_data"})
 
 
 def param_specs(stage_fields: Sequence[JobField], help_text: Mapping[str, str],
@@ -327,6 +329,31 @@ def _run_corruptions(ws: Workspace, cfg: Any, call: Mapping[str, Any], run: RunH
     from core.evaluate.corruption import evaluate_corruptions
 
     evaluate_corruptions(ws, cfg, progress=False)
+    return None
+
+
+def _run_demo_stage(ws: Workspace, cfg: Any, call: Mapping[str, Any], run: RunHandle | None) -> str | None:
+    from core.demo.pipeline import run_stage
+
+    if run is not None:
+        ProgressWriter(run.dir).write(stage=f"demo {cfg.stage}", step=0, total=1)
+    message = run_stage(ws, cfg)
+    if run is not None:
+        ProgressWriter(run.dir).write(stage=f"demo {cfg.stage}", step=1, total=1)
+    return message
+
+
+def _run_train_detector(ws: Workspace, cfg: Any, call: Mapping[str, Any], run: RunHandle | None) -> str | None:
+    from core.train.detector import train_detector
+
+    result = train_detector(ws, cfg, progress=False)
+    return f"final loss {result.final_loss:.4f}" + (f", clean AP50 {result.ap50:.1%}" if result.ap50 is not None else "")
+
+
+def _run_detection(ws: Workspace, cfg: Any, call: Mapping[str, Any], run: RunHandle | None) -> str | None:
+    from core.evaluate.detection import evaluate_detection
+
+    evaluate_detection(ws, cfg, progress=False)
     return None
 
 
@@ -441,6 +468,39 @@ _register(
                "corrupt_size": {"min": 32}, "num_workers": {"min": 0}},
     example={"dataset": "val_bench", "models": "runs/x/checkpoints/last.pt", "severities": "1,5",
              "device": "cpu"},
+)
+
+
+_register(
+    "train-detector", "train an object detector (torchvision Faster R-CNN / RetinaNet / FCOS, or demo-frcnn)",
+    "core.train.detector:TrainDetectorConfig", kind="train-detector", stop_at_record=True,
+    run=_run_train_detector, records_itself=True, resume="run_id",
+    resource=lambda c: _device_resource(c.device), outputs=_run_folder,
+    overrides={"optimizer": {"choices": ("sgd", "adamw")}, "augment": {"choices": ("flip", "none")},
+               "steps": {"min": 1}, "batch_size": {"min": 1}, "warmup_steps": {"min": 0}, "seed": {"min": 0},
+               "lr": {"min": 0.0}, "weight_decay": {"min": 0.0}, "cpu_threads": {"min": 1},
+               "num_workers": {"min": 0}, "checkpoint_every": {"min": 0}, "log_every": {"min": 1}},
+    example={"data": "sources/demo/detection-train", "steps": 4, "warmup_steps": 1, "batch_size": 2,
+             "device": "cpu"},
+)
+_register(
+    "eval-detection", "detection AP per corruption x severity; P, mPC and rPC (Michaelis et al. 2019)",
+    "core.evaluate.detection:DetectionEvalConfig", kind="eval-detection", run=_run_detection,
+    records_itself=True, resume="run_id", resource=lambda c: _device_resource(c.device), outputs=_run_folder,
+    overrides={"metric": {"choices": ("auto", "ap", "ap50")}, "batch_size": {"min": 1}, "limit": {"min": 1},
+               "cpu_threads": {"min": 1}, "seed": {"min": 0}},
+    example={"data": "sources/demo/detection", "models": "torchvision:fasterrcnn_resnet50_fpn",
+             "severities": "1,5", "device": "cpu"},
+)
+_register(
+    "demo", "one stage of the bundled demo (world, CLIP, embeddings, clusters, prunings, similarity, robustness)",
+    "core.demo.pipeline:DemoStageConfig", kind="demo-stage", run=_run_demo_stage, records_itself=False,
+    resume="idempotent", resource=lambda c: "cpu", outputs=_run_folder,
+    overrides={"stage": {"choices": ("generate", "register", "reference_results", "train_clip", "embed",
+                                     "zeroshot", "cluster", "maps", "prune", "similarity", "robustness",
+                                     "detection")},
+               "size": {"choices": ("tiny", "small", "full")}, "seed": {"min": 0}},
+    example={"stage": "generate", "size": "tiny"},
 )
 
 
@@ -980,8 +1040,22 @@ def job_status(ws: Workspace, run_id: str) -> dict[str, Any]:
             "fraction": fraction, "log_tail": log_tail(ws, run_id)}
 
 
-JOB_COLUMNS = ["id", "stage", "kind", "status", "resource", "fraction", "pid", "submitted_at", "started_at",
-               "ended_at", "message"]
+JOB_COLUMNS = ["id", "stage", "target", "kind", "status", "resource", "fraction", "pid", "submitted_at",
+               "started_at", "ended_at", "message"]
+#: Config fields naming what a job works on, in order of preference (the first one set is its ``target``).
+TARGET_FIELDS = ("dataset", "embedding_set", "clustering_id", "pool_set", "datasets", "data")
+
+
+def job_target(stage: str, config: Mapping[str, Any]) -> str:
+    """A short text saying what a job works on: ``robustness (tiny)`` for a demo stage, else the dataset,
+    embedding set or clustering its config names ("" when none)."""
+    if stage == "demo":
+        return f"{config.get('stage', '?')} ({config.get('size', '?')})"
+    for name in TARGET_FIELDS:
+        value = config.get(name)
+        if value:
+            return ", ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+    return ""
 
 
 def list_jobs(ws: Workspace, *, limit: int = 200, statuses: Sequence[str] | None = None) -> pd.DataFrame:
@@ -1001,8 +1075,8 @@ def list_jobs(ws: Workspace, *, limit: int = 200, statuses: Sequence[str] | None
             continue
         progress = read_progress(ws.dir("runs", row["id"]))
         fraction = 1.0 if row["status"] == "done" else progress_fraction(progress[-1] if progress else None)
-        out.append({**row, "stage": job["stage"], "resource": job["resource"], "fraction": fraction,
-                    "submitted_at": job.get("submitted_at")})
+        out.append({**row, "stage": job["stage"], "target": job_target(job["stage"], job.get("config", {})),
+                    "resource": job["resource"], "fraction": fraction, "submitted_at": job.get("submitted_at")})
     return pd.DataFrame(out, columns=JOB_COLUMNS)
 
 

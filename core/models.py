@@ -355,7 +355,7 @@ def fetch_pretrained(arch: str, tag: str, cache_dir: str | os.PathLike[str] | No
     if cached:
         return cached
     offline = hub_offline()
-    if offline or not _reachable(_download_host(cfg)):
+    if offline or not reachable(_download_host(cfg)):
         raise _unavailable(arch, tag, "HF_HUB_OFFLINE=1 is set" if offline else "the hub cannot be reached")
     try:
         return str(open_clip.download_pretrained(cfg, cache_dir=cache))
@@ -413,7 +413,7 @@ def _download_host(cfg: Mapping[str, Any]) -> str | None:
     return urlparse(cfg.get("url", "")).hostname
 
 
-def _reachable(host: str | None, timeout: float = 3.0) -> bool:
+def reachable(host: str | None, timeout: float = 3.0) -> bool:
     """A quick TCP probe of ``host``:443, so that a machine without network fails in seconds rather
     than after the hub client's minute of retries. Behind a proxy the probe is skipped (True)."""
     if not host or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -433,17 +433,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     Raises:
         MissingFileError: no such file. DataError: not a checkpoint torch can read safely.
     """
-    return _state_dict_of(_load_file(Path(path)), Path(path))
+    return state_dict_of(load_file(Path(path)), Path(path))
 
 
 def checkpoint_arch(path: str | os.PathLike[str]) -> str | None:
     """The architecture a training checkpoint records under "arch", if any (our trainer saves it)."""
-    obj = _load_file(Path(path))
+    obj = load_file(Path(path))
     arch = obj.get("arch") if isinstance(obj, Mapping) else None
     return arch if isinstance(arch, str) else None
 
 
-def _load_file(path: Path) -> Any:
+def load_file(path: Path) -> Any:
     if not path.is_file():
         raise MissingFileError(f"checkpoint {path} does not exist")
     try:
@@ -456,7 +456,7 @@ def _load_file(path: Path) -> Any:
         raise DataError(f"checkpoint {path} cannot be read as weights: {' '.join(str(exc).split())[:200]}") from None
 
 
-def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+def state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
@@ -484,11 +484,11 @@ def _load_checkpoint_into(model: torch.nn.Module, path: Path, arch: str) -> None
     from open_clip.convert import convert_state_dict
     from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 
-    obj = _load_file(path)
+    obj = load_file(path)
     recorded = obj.get("arch") if isinstance(obj, Mapping) else None
     if isinstance(recorded, str) and recorded != arch:
         raise ConfigError(f"checkpoint {path} was trained as {recorded}, not {arch}; pass --model {recorded}")
-    state = convert_state_dict(model, _state_dict_of(obj, path))
+    state = convert_state_dict(model, state_dict_of(obj, path))
     if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
         state = convert_to_custom_text_state_dict(state)
     for name in ("logit_scale", "logit_bias"):
@@ -518,3 +518,12 @@ def _key_summary(result: Any) -> str:
         if keys:
             parts.append(f"{len(keys)} {what} keys (e.g. {', '.join(keys[:3])})")
     return "; ".join(parts)
+
+
+def split_label(spec: str) -> tuple[str | None, str]:
+    """``"LABEL=REST"`` -> (LABEL, REST) of a model spec, both stripped; a spec without a label, or whose
+    '=' sits in a path or a ``scheme:`` part (``runs/a=b/last.pt``), -> (None, spec)."""
+    head, sep, rest = spec.partition("=")
+    if sep and head.strip() and not any(c in head for c in "/\\:"):
+        return head.strip(), rest.strip()
+    return None, spec.strip()

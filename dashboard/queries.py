@@ -516,6 +516,70 @@ def robustness_grid(root: str, dataset: str, combo: Combo) -> tuple[pd.DataFrame
     return grid.astype(float), (float(clean.iloc[-1]) if len(clean) else None)
 
 
+#: Columns of :func:`detection_metrics`.
+DETECTION_METRIC_COLUMNS = ["run_id", "started_at", "model", "dataset", "corruption", "severity", "metric", "value",
+                            "primary"]
+#: Columns of :func:`detection_summary`.
+DETECTION_SUMMARY_COLUMNS = ["run_id", "started_at", "model", "dataset", "primary", "P", "mPC", "rPC", "cells",
+                             "note"]
+#: Cells of a full detection grid (Michaelis et al. 2019: 15 test corruptions x severities 1-5).
+DETECTION_FULL_GRID = 75
+
+
+def _primary_metric(config_json: object) -> str:
+    """The primary AP (``AP`` / ``AP50``) an ``eval-detection`` run recorded in its config (AP when unsure)."""
+    import json
+
+    try:
+        metric = json.loads(str(config_json)).get("metric")
+    except (json.JSONDecodeError, AttributeError):
+        metric = None
+    return "AP50" if metric == "ap50" else "AP"
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def detection_metrics(root: str) -> pd.DataFrame:
+    """Every metrics row of the detection evaluations (runs of kind ``eval-detection``), newest run first:
+    :data:`DETECTION_METRIC_COLUMNS`.
+
+    Per-domain ``AP`` / ``AP50`` (clean: corruption NULL, severity 0) and per-model ``P`` / ``mPC`` / ``rPC``,
+    all in % as written; ``primary`` is the run's P / mPC metric (``AP`` or ``AP50``).
+    """
+    ws = _ws(root)
+    rows = ws.catalog.query(
+        "SELECT m.run_id, r.started_at, coalesce(m.model, '(none)') AS model, "
+        "coalesce(m.dataset, '(none)') AS dataset, m.corruption, coalesce(m.severity, 0) AS severity, m.metric, "
+        "m.value, r.config_json FROM metrics m JOIN runs r ON r.id = m.run_id WHERE r.kind = 'eval-detection' "
+        "ORDER BY r.started_at DESC NULLS LAST, m.run_id, model, m.corruption NULLS FIRST, severity"
+    )
+    rows["primary"] = [_primary_metric(c) for c in rows["config_json"]]
+    return rows[DETECTION_METRIC_COLUMNS]
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def detection_summary(root: str) -> pd.DataFrame:
+    """P, mPC and rPC (in %, higher = better) per (run, model, dataset) of the detection evaluations:
+    :data:`DETECTION_SUMMARY_COLUMNS`, newest run first.
+
+    The values are the ones the evaluation stored (mPC by ``core.evaluate.robustness.mpc``, which needs the
+    full 15 x 5 grid: a partial grid has none and ``note`` says how many of the 75 cells it has); ``cells``
+    counts the corrupted cells with a primary-metric value.
+    """
+    rows = detection_metrics(root)
+    out = []
+    for (run_id, model, dataset), part in rows.groupby(["run_id", "model", "dataset"], sort=False):
+        first = part.iloc[0]
+        values = dict(zip(part["metric"], part["value"], strict=False))
+        cells = int(((part["metric"] == first["primary"]) & part["corruption"].notna()).sum())
+        note = "" if "mPC" in values else (
+            f"partial grid ({cells} of {DETECTION_FULL_GRID} cells): no mPC" if cells else "clean only: no mPC")
+        out.append({"run_id": run_id, "started_at": first["started_at"], "model": model, "dataset": dataset,
+                    "primary": first["primary"], "P": values.get("P", float("nan")),
+                    "mPC": values.get("mPC", float("nan")), "rPC": values.get("rPC", float("nan")), "cells": cells,
+                    "note": note})
+    return pd.DataFrame(out, columns=DETECTION_SUMMARY_COLUMNS)
+
+
 def not_applicable(rows: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """The (run, model, adaptation) combinations of ``dataset`` an evaluation marked not applicable
     (e.g. TENT on a model without BatchNorm): ``run_id, model, adaptation``."""
@@ -531,7 +595,7 @@ def not_applicable(rows: pd.DataFrame, dataset: str) -> pd.DataFrame:
 #: Lines of a job's ``log.txt`` the Runs page shows.
 JOB_LOG_LINES = 40
 #: Columns of :func:`jobs_table`.
-JOB_TABLE_COLUMNS = ["id", "stage", "status", "fraction", "resource", "submitted_at", "started_at",
+JOB_TABLE_COLUMNS = ["id", "stage", "target", "status", "fraction", "resource", "submitted_at", "started_at",
                      "ended_at", "message"]
 
 

@@ -309,3 +309,81 @@ def difference_bars(diff: pd.DataFrame, *, what: str) -> go.Figure:
     fig.update_xaxes(range=[-1.25 * span, 1.25 * span])
     return _layout(fig, title="B − A per corruption (negative = B is better)",
                    x_title=f"{plain(what)}, B − A (points)", y_title="", height=170 + 26 * len(labels))
+
+
+# -- detection (Michaelis et al. 2019) ----------------------------------------------------------------
+#: The dataset a published detection number was measured on -> the metric it reports (Michaelis et al. 2019).
+PUBLISHED_DETECTION_METRIC = {"pascal": "AP50", "coco": "AP", "cityscapes": "AP"}
+#: Columns of :func:`published_detection` (the shape of ``detection_summary``'s rows, plus ``source``).
+PUBLISHED_DETECTION_COLUMNS = ["source", "model", "dataset", "primary", "P", "mPC", "rPC"]
+
+
+def published_detection(reference: pd.DataFrame) -> pd.DataFrame:
+    """The published P / mPC / rPC rows, one per (source, model, dataset): :data:`PUBLISHED_DETECTION_COLUMNS`.
+
+    ``reference_results`` stores P under the clean dataset (``coco``) and mPC / rPC under its corrupted
+    version (``coco-c``); both become one row named by the clean dataset. Values in % as published.
+    """
+    rows = reference[reference["metric"].isin(["P", "mPC", "rPC"]) & reference["corruption"].isna()].copy()
+    if rows.empty:
+        return pd.DataFrame(columns=PUBLISHED_DETECTION_COLUMNS)
+    rows["dataset"] = rows["dataset"].astype(str).str.replace(r"-c$", "", regex=True)
+    table = rows.pivot_table(index=["source", "model", "dataset"], columns="metric", values="value", aggfunc="first",
+                             sort=False).reset_index()
+    table = table.reindex(columns=["source", "model", "dataset", "P", "mPC", "rPC"])
+    table["primary"] = table["dataset"].map(PUBLISHED_DETECTION_METRIC).fillna("AP")
+    return table[PUBLISHED_DETECTION_COLUMNS].reset_index(drop=True)
+
+
+def corruption_ap_means(cells: pd.DataFrame) -> pd.DataFrame:
+    """AP averaged over severities per (run, model, corruption), clean first: ``run_id, model, corruption,
+    value, severities`` (% as given; ``severities`` = how many were averaged; clean keeps corruption
+    ``clean``). Corruptions in test, then hold-out order, then others alphabetically.
+
+    Args:
+        cells: ``run_id, model, corruption (NULL = clean), severity, value`` rows of one AP metric.
+    """
+    columns = ["run_id", "model", "corruption", "value", "severities"]
+    if cells.empty:
+        return pd.DataFrame(columns=columns)
+    df = cells.assign(corruption=cells["corruption"].fillna("clean"))
+    out = df.groupby(["run_id", "model", "corruption"], sort=False)["value"].agg(["mean", "count"]).reset_index()
+    out = out.rename(columns={"mean": "value", "count": "severities"})
+    names = list(dict.fromkeys(out["corruption"]))
+    order = ["clean", *[c for c in (*TEST_CORRUPTIONS, *HOLDOUT_CORRUPTIONS) if c in names]]
+    order += sorted(set(names) - set(order))
+    out["_o"] = out["corruption"].map({c: i for i, c in enumerate(order)})
+    return out.sort_values(["_o"], kind="stable").drop(columns="_o")[columns].reset_index(drop=True)
+
+
+def detection_corruption_bars(means: pd.DataFrame, *, metric: str) -> go.Figure:
+    """Grouped bars of AP (%) per corruption (x; clean first, hatched) and model (colour): how much of the
+    clean AP each corruption leaves (higher = better). Each bar is labelled, so an AP of 0 reads "0" and a
+    cell not evaluated has no label.
+
+    Args:
+        means: ``model, corruption, value`` (see :func:`corruption_ap_means`), one row per (model, corruption).
+        metric: ``AP`` or ``AP50``, for the titles.
+    """
+    rows = means[means["value"].notna()] if not means.empty else means
+    if rows.empty:
+        return empty_figure("no AP to show")
+    corruptions = list(dict.fromkeys(rows["corruption"]))
+    x_all = [corruption_label(c) for c in corruptions]
+    models = list(dict.fromkeys(rows["model"]))
+    fig = go.Figure()
+    for i, model in enumerate(models):
+        sub = rows[rows["model"] == model].set_index("corruption").reindex(corruptions)
+        values = sub["value"].astype(float).tolist()
+        fig.add_bar(name=wrap(model, width=30, max_lines=2, cut=40), x=x_all, y=values,
+                    text=["" if not math.isfinite(v) else f"{v:.0f}" for v in values], textposition="outside",
+                    textfont=dict(size=9), cliponaxis=False,
+                    marker=dict(color=CATEGORY_COLORS[i % len(CATEGORY_COLORS)],
+                                pattern=dict(shape=["/" if c == "clean" else "" for c in corruptions])),
+                    customdata=[plain(model)] * len(values),
+                    hovertemplate="%{customdata}<br>%{x}: %{y:.1f}<extra></extra>")
+    fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=x_all, showgrid=False, tickangle=-40)
+    return _layout(fig, title=f"{plain(metric)} per corruption, mean over severities (clean hatched; higher = better)",
+                   x_title="", y_title=f"{plain(metric)} (%)", height=460)

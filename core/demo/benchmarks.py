@@ -6,11 +6,13 @@
 - ``benchmarks/rendition/<folder>/``: flat cartoons of about 2/3 of the classes (ImageNet-R);
 - ``benchmarks/v2/<class index>/*.jpeg``: photos with re-sampled size and placement (ImageNetV2);
 - ``benchmarks/hard/``: clutter, occlusion and low contrast, listed in ``hard.parquet``;
-- ``detection/``: multi-object scenes with a COCO ``annotations.json``.
+- ``detection/``: multi-object scenes with a COCO ``annotations.json``;
+- ``detection-train/``: more such scenes (their own random stream) to train the demo detector on.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +25,7 @@ from core.demo.captions import make_caption
 from core.demo.concepts import BACKGROUND_NAMES, BACKGROUNDS, Concept
 from core.demo.spec import (
     DETECTION,
+    DETECTION_TRAIN,
     HARD,
     IMAGE_SIZE,
     REFERENCE,
@@ -172,9 +175,9 @@ def _scene_poses(rng: np.random.Generator, n: int) -> list[draw.Pose]:
     return poses
 
 
-def _scene(world: World, i: int) -> tuple[np.ndarray, list[tuple[Concept, np.ndarray]]]:
+def _scene(world: World, i: int, stream: int = DETECTION) -> tuple[np.ndarray, list[tuple[Concept, np.ndarray]]]:
     """A 128x128 scene of 2-5 objects; returns the pixels and each object's (concept, own mask)."""
-    rng = world.rng(DETECTION, i)
+    rng = world.rng(stream, i)
     _, bg = _background(rng)
     img = draw.background(rng, SCENE_SIZE, bg)
     objects = []
@@ -185,13 +188,13 @@ def _scene(world: World, i: int) -> tuple[np.ndarray, list[tuple[Concept, np.nda
     return draw.finish(img, rng, rng.uniform(2.0, 8.0)), objects
 
 
-def write_detection(world: World) -> dict[str, Any]:
-    """``detection/images/<n:06d>.jpg`` + ``detection/annotations.json`` (COCO; boxes tight, amodal)."""
-    root = world.out / "detection"
+def _write_scenes(world: World, rel: str, stream: int, n: int, description: str) -> dict[str, int]:
+    """``<rel>/images/<n:06d>.jpg`` + ``<rel>/annotations.json`` (COCO; boxes tight, amodal)."""
+    root = world.out / rel
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for i in world.bar(range(world.size.detection_scenes), "detection"):
-        pixels, objects = _scene(world, i)
+    for i in world.bar(range(n), rel):
+        pixels, objects = _scene(world, i, stream)
         name = f"{i:06d}.jpg"
         write_bytes(root / "images" / name, draw.encode_jpeg(pixels))
         images.append({"id": i + 1, "file_name": name, "width": SCENE_SIZE, "height": SCENE_SIZE})
@@ -207,10 +210,43 @@ def write_detection(world: World) -> dict[str, Any]:
             })
     categories = [{"id": category_id(c.index), "name": c.name, "supercategory": c.shape} for c in world.concepts]
     write_json(root / "annotations.json", {
-        "info": {"description": "prunescope demo world detection scenes", "version": "1"},
+        "info": {"description": description, "version": "1"},
         "licenses": [], "images": images, "annotations": annotations, "categories": categories,
     })
-    return {"detection_images": len(images), "detection_boxes": len(annotations)}
+    return {"images": len(images), "boxes": len(annotations)}
+
+
+def write_detection(world: World) -> dict[str, Any]:
+    """``detection/images/<n:06d>.jpg`` + ``detection/annotations.json`` (COCO; boxes tight, amodal)."""
+    counts = _write_scenes(world, "detection", DETECTION, world.size.detection_scenes,
+                           "prunescope demo world detection scenes")
+    return {"detection_images": counts["images"], "detection_boxes": counts["boxes"]}
+
+
+#: Folder of the demo detector's training scenes, relative to the world folder.
+DETECTION_TRAIN_DIR = "detection-train"
+
+
+def write_detection_train(world: World) -> dict[str, Any]:
+    """``detection-train/images/<n:06d>.jpg`` + ``annotations.json``: the demo detector's training scenes.
+
+    Drawn like the evaluation scenes from their own random stream (``DETECTION_TRAIN``), so no training
+    scene is an evaluation scene and the evaluation scenes are unchanged. Idempotent: a folder whose
+    ``annotations.json`` (written last) already lists ``detection_train_scenes`` images is kept as is,
+    so it can be called on a world built before this split existed.
+    """
+    n = world.size.detection_train_scenes
+    done = world.out / DETECTION_TRAIN_DIR / "annotations.json"
+    if done.is_file():
+        try:
+            coco = json.loads(done.read_text(encoding="utf-8"))
+            if len(coco["images"]) == n:
+                return {"detection_train_images": n, "detection_train_boxes": len(coco["annotations"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # torn or foreign: rebuilt below
+    counts = _write_scenes(world, DETECTION_TRAIN_DIR, DETECTION_TRAIN, n,
+                           "prunescope demo world detection training scenes")
+    return {"detection_train_images": counts["images"], "detection_train_boxes": counts["boxes"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,4 +272,5 @@ def benchmark_parts(world: World) -> list[Part]:
                     numeric_folders=True),
         Part("hard", ("benchmarks/hard",), write_hard),
         Part("detection", ("detection",), write_detection),
+        Part("detection-train", (DETECTION_TRAIN_DIR,), write_detection_train),
     ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from core import atomic
 from core.datasets import list_datasets, register_dataset
-from core.errors import ConfigError
+from core.errors import ConfigError, PrunescopeError
 from core.reference import load_reference_results
 from core.runs import recorded_run
 from core.workspace import Workspace
@@ -103,17 +103,25 @@ DEMO_MODEL = "demo-vit-tiny"
 BENCHMARKS = ("val", "sketch", "rendition", "v2", "hard")
 
 
-def _state_path(ctx: DemoContext) -> Path:
-    return ctx.ws.dir("cache", "demo_state.json")
+def _state_dir(ctx: DemoContext) -> Path:
+    return ctx.ws.dir("cache", "demo_state")
 
 
 def _state(ctx: DemoContext) -> dict[str, Any]:
-    path = _state_path(ctx)
-    return json.loads(path.read_text()) if path.exists() else {}
+    """What the stages recorded: one file per key (stages running side by side as jobs never overwrite each
+    other's), over the single ``demo_state.json`` of workspaces built before."""
+    legacy = ctx.ws.dir("cache") / "demo_state.json"
+    state: dict[str, Any] = json.loads(legacy.read_text()) if legacy.exists() else {}
+    folder = _state_dir(ctx)
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.json")):
+            state[path.stem] = json.loads(path.read_text())
+    return state
 
 
 def _save_state(ctx: DemoContext, **updates: Any) -> None:
-    atomic.write_json(_state_path(ctx), {**_state(ctx), **updates})
+    for key, value in updates.items():
+        atomic.write_json(_state_dir(ctx) / f"{key}.json", value)
 
 
 def stage_train_clip(ctx: DemoContext) -> str:
@@ -311,6 +319,37 @@ def stage_robustness(ctx: DemoContext) -> str:
     return "mCE " + ", ".join(f"{r.model}/{r.adaptation} {r.value:.1f}" for r in mce.itertuples())
 
 
+#: Scenes of the demo detector's evaluation per world size (all of them: 40 / 200 / 600).
+DEMO_DETECTION_LABEL = "demo-frcnn"
+
+
+def stage_detection(ctx: DemoContext) -> str:
+    """Train the small Faster R-CNN (``demo-frcnn``) on the world's ``detection-train`` scenes, then evaluate
+    it on the ``detection`` scenes clean and under the 15 corruptions x 5 severities: P, mPC, rPC
+    (Michaelis et al. 2019; the scenes are COCO json, so the primary metric is AP@[.5:.95])."""
+    from core.evaluate.detection import DetectionEvalConfig, evaluate_detection, summaries
+    from core.train.detector import demo_config, train_detector
+
+    state = _state(ctx).get("detection", {})
+    train_dir, eval_dir = ctx.world / "detection-train", ctx.world / "detection"
+    run_id = state.get("train_run")
+    if not run_id:
+        cfg = demo_config(ctx.size, str(train_dir), str(eval_dir), seed=ctx.seed, cpu_threads=1)
+        result = train_detector(ctx.ws, cfg, progress=ctx.progress)
+        run_id = result.run_id
+        state = {"train_run": run_id, "train_seconds": round(result.seconds, 1), "clean_ap50": result.ap50}
+        _save_state(ctx, detection=state)
+    if state.get("eval_run"):
+        return f"detection already evaluated (run {state['eval_run']}): {state.get('summary', '')}"
+    grid = DetectionEvalConfig(data=str(eval_dir), models=(f"{DEMO_DETECTION_LABEL}={run_id}",), dataset="demo-detection",
+                               seed=ctx.seed, cpu_threads=1, batch_size=20)
+    results = evaluate_detection(ctx.ws, grid, progress=ctx.progress)
+    table = summaries(results, results.attrs["metric"])
+    summary = ", ".join(f"{r.metric} {r.value:.1f}" for r in table.itertuples())
+    _save_state(ctx, detection={**state, "eval_run": results.attrs["run_id"], "summary": summary})
+    return f"{DEMO_DETECTION_LABEL} (trained in {state.get('train_seconds', 0):.0f} s): {summary} (AP, %)"
+
+
 STAGES: list[tuple[str, Stage]] = [
     ("generate", stage_generate),
     ("register", stage_register),
@@ -323,21 +362,200 @@ STAGES: list[tuple[str, Stage]] = [
     ("prune", stage_prune),
     ("similarity", stage_similarity),
     ("robustness", stage_robustness),
+    ("detection", stage_detection),
 ]
+#: What each stage needs done first (jobs run side by side when their needs are met, see run_demo).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "generate": (),
+    "register": ("generate",),
+    "reference_results": (),
+    "train_clip": ("register",),
+    "embed": ("train_clip",),
+    "zeroshot": ("train_clip",),
+    "cluster": ("embed",),
+    "maps": ("cluster",),
+    "prune": ("cluster",),
+    "similarity": ("embed", "zeroshot", "cluster"),
+    "robustness": ("register", "train_clip"),
+    "detection": ("generate",),
+}
+#: Which ready stage starts first when slots are short: the long ones (robustness, detection) early, so
+#: the short chain embed -> ... -> similarity fills the other slot instead of delaying them.
+START_ORDER: tuple[str, ...] = ("generate", "reference_results", "register", "train_clip", "robustness", "detection",
+                                "embed", "zeroshot", "cluster", "maps", "prune", "similarity")
 
 
-def run_demo(ws: Workspace, *, size: str = "small", seed: int = 0, progress: bool = False) -> list[str]:
-    """Run every demo stage in order; returns one summary line per stage (with its wall time)."""
-    from core.demo.world import SIZES
+STAGE_NAMES: tuple[str, ...] = tuple(name for name, _ in STAGES)
 
-    if size not in SIZES:
-        raise ConfigError(f"unknown demo size {size!r}; available: {', '.join(SIZES)}")
-    ctx = DemoContext(ws, ws.dir("sources", DEMO_FOLDER), size, seed, progress)
-    lines = []
-    with recorded_run(ws, "demo", {"size": size, "seed": seed}, seed=seed):
-        for name, stage in STAGES:
-            t0 = time.perf_counter()
-            text = stage(ctx)
-            lines.append(f"[{name}] {text} ({time.perf_counter() - t0:.1f} s)")
-            log.info(lines[-1])
+
+@dataclass(frozen=True)
+class DemoStageConfig:
+    """One stage of the demo, as a job (``prunescope demo`` submits one per stage).
+
+    Attributes:
+        stage: the demo stage: generate, register, reference_results, train_clip, embed, zeroshot, cluster,
+            maps, prune, similarity, robustness, detection (:data:`NEEDS` says what each needs first).
+        size: the demo world's size: tiny, small or full.
+        seed: seed of the world and of every stage.
+    """
+
+    stage: str
+    size: str = "small"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from core.demo.world import SIZES
+
+        if self.stage not in STAGE_NAMES:
+            raise ConfigError(f"unknown demo stage {self.stage!r}; available: {', '.join(STAGE_NAMES)}")
+        if self.size not in SIZES:
+            raise ConfigError(f"unknown demo size {self.size!r}; available: {', '.join(SIZES)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer; got {self.seed!r}")
+
+
+def run_stage(ws: Workspace, cfg: DemoStageConfig, *, progress: bool = False) -> str:
+    """Run one demo stage (idempotent: a finished stage returns at once); its summary line."""
+    ctx = DemoContext(ws, ws.dir("sources", DEMO_FOLDER), cfg.size, cfg.seed, progress)
+    return dict(STAGES)[cfg.stage](ctx)
+
+
+def run_demo(ws: Workspace, *, size: str = "small", seed: int = 0, progress: bool = False,
+             jobs: bool = False, parallel: int = 2, echo: Callable[[str], None] | None = None) -> list[str]:
+    """Run every demo stage; returns one summary line per stage (with its wall time), in finishing order.
+
+    Args:
+        jobs: run each stage as a job (its own process, a row and a run folder that the Runs page shows,
+            log in ``runs/<id>/log.txt``), up to ``parallel`` at once as soon as what they need
+            (:data:`NEEDS`) is done; otherwise one after the other in this process, in :data:`STAGES` order.
+        echo: called with a line when a stage starts and ends (and, for jobs, while one is still running).
+
+    Raises:
+        ConfigError: an unknown size. PrunescopeError: a stage failed (for jobs: its message and log tail;
+            the stages already running are finished first, the ones not started are not started).
+    """
+    configs = [DemoStageConfig(name, size, seed) for name in STAGE_NAMES]  # validates size and seed
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError(f"parallel must be an integer >= 1; got {parallel!r}")
+    lines: list[str] = []
+
+    def done(name: str, text: str, seconds: float) -> None:
+        lines.append(f"[{name}] {text} ({seconds:.1f} s)")
+        log.info(lines[-1])
+        if echo:
+            echo(lines[-1])
+
+    with recorded_run(ws, "demo", {"size": size, "seed": seed, "jobs": jobs}, seed=seed):
+        if jobs:
+            _DemoJobs(ws, configs, parallel, echo).run(done)
+        else:
+            for cfg in configs:
+                t0 = time.perf_counter()
+                if echo:
+                    echo(f"[{cfg.stage}] started")
+                done(cfg.stage, run_stage(ws, cfg, progress=progress), time.perf_counter() - t0)
     return lines
+
+
+#: Seconds between "still running" lines while ``prunescope demo`` waits for a stage's job.
+HEARTBEAT_S = 60.0
+
+
+def _inner_progress(ws: Workspace, job_id: str) -> str:
+    """``": <kind> step/total"`` of the newest run the job's process is running besides the job itself (the
+    stage's training or evaluation run), or "" when there is none or it reported nothing yet."""
+    from core.runs import read_progress
+
+    rows = ws.catalog.query("SELECT r.kind, r.run_dir FROM runs r JOIN runs j ON j.id = ? AND r.pid = j.pid "
+                            "WHERE r.status = 'running' AND r.id <> j.id ORDER BY r.started_at DESC LIMIT 1", [job_id])
+    if rows.empty or not rows["run_dir"].iloc[0]:
+        return ""
+    records = read_progress(ws.abs(rows["run_dir"].iloc[0]))
+    latest = records[-1] if records else {}
+    if "step" not in latest or "total" not in latest:
+        return ""
+    return f": {rows['kind'].iloc[0]} {latest['step']}/{latest['total']}"
+
+
+class _DemoJobs:
+    """The demo's stages as jobs: each starts (at once, not behind the queue's CPU limit: the user is
+    waiting) when its needs are done and fewer than ``parallel`` run; Ctrl-C cancels the running ones."""
+
+    def __init__(self, ws: Workspace, configs: list[DemoStageConfig], parallel: int,
+                 echo: Callable[[str], None] | None, poll_s: float = 1.0, *, check_needs: bool = True) -> None:
+        self.ws, self.parallel, self.echo, self.poll_s = ws, parallel, echo, poll_s
+        self.check_needs = check_needs
+        self.todo = sorted(configs, key=lambda c: START_ORDER.index(c.stage))
+        self.running: dict[str, tuple[DemoStageConfig, float]] = {}  # run id -> (stage, start)
+        self.finished: set[str] = set()
+        self.failure: PrunescopeError | None = None
+
+    def run(self, done: Callable[[str, str, float], None]) -> None:
+        from core import jobs
+
+        last, polls = time.monotonic(), 0
+        try:
+            while self.todo or self.running:
+                if self.failure is None:
+                    self._start_ready()
+                if not self.running:
+                    break
+                time.sleep(self.poll_s)
+                polls += 1
+                if polls % 10 == 0:  # a vanished job process is rare: look for one every 10 polls
+                    jobs.refresh(self.ws)
+                ids = list(self.running)
+                statuses = self.ws.catalog.query(
+                    f"SELECT id, status FROM runs WHERE id IN ({', '.join('?' for _ in ids)})", ids)
+                for run_id in statuses.loc[~statuses["status"].isin(jobs.ACTIVE), "id"]:
+                    cfg, t0 = self.running[run_id]
+                    row = jobs.job_status(self.ws, run_id)
+                    del self.running[run_id]
+                    if row["status"] == "done":
+                        self.finished.add(cfg.stage)
+                        done(cfg.stage, str(row["message"] or ""), time.monotonic() - t0)
+                    elif self.failure is None:
+                        self.failure = self._failed(cfg, run_id, row)
+                if self.echo and time.monotonic() - last >= HEARTBEAT_S:
+                    last = time.monotonic()
+                    for run_id, (cfg, t0) in self.running.items():
+                        self.echo(f"[{cfg.stage}] job {run_id} running for {last - t0:.0f} s"
+                                  f"{_inner_progress(self.ws, run_id)}")
+        except KeyboardInterrupt:
+            for run_id in list(self.running):
+                jobs.cancel(self.ws, run_id)
+            raise
+        if self.failure is not None:
+            raise self.failure
+        if self.todo:  # cannot happen with NEEDS naming only stages of STAGES; never return silently
+            raise PrunescopeError("demo stages never started (their needs were not met): "
+                                  + ", ".join(c.stage for c in self.todo))
+
+    def _start_ready(self) -> None:
+        from core import jobs
+
+        for cfg in list(self.todo):
+            if len(self.running) >= self.parallel:
+                return
+            if self.check_needs and not all(need in self.finished for need in NEEDS[cfg.stage]):
+                continue
+            run_id = jobs.submit(self.ws, "demo", {"stage": cfg.stage, "size": cfg.size, "seed": cfg.seed})
+            jobs.start(self.ws, run_id)
+            self.todo.remove(cfg)
+            self.running[run_id] = (cfg, time.monotonic())
+            if self.echo:
+                self.echo(f"[{cfg.stage}] started (job {run_id})")
+
+    def _failed(self, cfg: DemoStageConfig, run_id: str, row: dict[str, Any]) -> PrunescopeError:
+        if self.echo and row["log_tail"]:
+            self.echo(f"[{cfg.stage}] the end of its log:\n{row['log_tail']}")
+        return PrunescopeError(f"demo stage {cfg.stage} {row['status']} (job {run_id}): {row['message'] or ''}",
+                               hint=f"its log is runs/{run_id}/log.txt; running the demo again resumes it")
+
+
+def _stage_as_job(ws: Workspace, cfg: DemoStageConfig, echo: Callable[[str], None] | None,
+                  poll_s: float = 1.0) -> str:
+    """Run one stage as a ``demo`` job and wait for it (its needs must be done); its summary line."""
+    lines: list[str] = []
+    _DemoJobs(ws, [cfg], 1, echo, poll_s, check_needs=False).run(lambda name, text, seconds: lines.append(text))
+    return lines[0]

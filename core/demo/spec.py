@@ -30,11 +30,16 @@ SCENE_SIZE = 128
 # Random stream ids (the second entry of every seed sequence). Stream 0 is choose_concepts'.
 PLAN, POOL, NEAR, CAPTION, ORDER, LATENT, LATENT_BASIS = 1, 2, 3, 4, 5, 6, 7
 REFERENCE, VAL, SKETCH, RENDITION, V2, HARD, DETECTION, RENDITION_CLASSES = 10, 11, 12, 13, 14, 15, 16, 17
+DETECTION_TRAIN = 18
 
 
 @dataclass(frozen=True)
 class WorldSize:
-    """How big a world is. ``*_per_class`` count images per class; benchmarks share one count."""
+    """How big a world is. ``*_per_class`` count images per class; benchmarks share one count.
+
+    ``detection_scenes`` are the detection evaluation scenes, ``detection_train_scenes`` the separate
+    training scenes of the demo detector (another random stream: no scene is in both).
+    """
 
     name: str
     n_classes: int
@@ -44,6 +49,7 @@ class WorldSize:
     bench_per_class: int
     detection_scenes: int
     laion_partitions: int
+    detection_train_scenes: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.shard_size <= 10_000:
@@ -56,11 +62,14 @@ class WorldSize:
 
 SIZES: dict[str, WorldSize] = {
     "tiny": WorldSize("tiny", n_classes=12, pool=2000, shard_size=1000, reference_per_class=20,
-                      bench_per_class=10, detection_scenes=40, laion_partitions=2),
+                      bench_per_class=10, detection_scenes=40, laion_partitions=2,
+                      detection_train_scenes=600),
     "small": WorldSize("small", n_classes=24, pool=20_000, shard_size=10_000, reference_per_class=40,
-                       bench_per_class=20, detection_scenes=200, laion_partitions=3),
+                       bench_per_class=20, detection_scenes=200, laion_partitions=3,
+                       detection_train_scenes=2000),
     "full": WorldSize("full", n_classes=40, pool=100_000, shard_size=10_000, reference_per_class=60,
-                      bench_per_class=30, detection_scenes=600, laion_partitions=4),
+                      bench_per_class=30, detection_scenes=600, laion_partitions=4,
+                      detection_train_scenes=5000),
 }
 
 

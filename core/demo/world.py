@@ -13,6 +13,7 @@
     benchmarks/val|sketch|rendition/<folder>/, benchmarks/v2/<class index>/*.jpeg,
     benchmarks/hard/images/ + hard.parquet
     detection/images/ + detection/annotations.json   (128x128 scenes, COCO)
+    detection-train/images/ + detection-train/annotations.json   (training scenes of the demo detector)
 
 The build is a list of parts (each pool shard, the truth, the LAION layout, each benchmark ...);
 each is written completely, then marked done in ``.done/<part>.json``, so an interrupted build
@@ -52,6 +53,8 @@ LAYOUT = {
     "laion": "laion", "reference": "reference", "val": "benchmarks/val", "sketch": "benchmarks/sketch",
     "rendition": "benchmarks/rendition", "v2": "benchmarks/v2", "hard": "benchmarks/hard/hard.parquet",
     "detection_images": "detection/images", "detection_annotations": "detection/annotations.json",
+    "detection_train_images": "detection-train/images",
+    "detection_train_annotations": "detection-train/annotations.json",
 }
 
 

@@ -180,17 +180,11 @@ class ZeroShotClassifier(torch.nn.Module):
         return self.scale * z @ self.weights.T
 
 
-def parse_model(ws: Workspace, item: str) -> tuple[str | None, str]:
-    """``[LABEL=]SPEC`` -> (label or None, spec)."""
-    label, eq, spec = item.partition("=")
-    if not eq or ":" in label or "/" in label:
-        return None, item
-    return label.strip() or None, spec.strip()
-
-
 def load_eval_model(ws: Workspace, item: str, classnames: Sequence[str], device: torch.device) -> EvalModel:
     """The model of one ``models`` entry (see :class:`CorruptionEvalConfig`) on ``device``, in eval mode."""
-    label, spec = parse_model(ws, item)
+    from core.models import split_label
+
+    label, spec = split_label(item)
     if spec.startswith("clip:"):
         return _clip_model(ws, label, spec, classnames, device)
     from core.classifiers import load_classifier

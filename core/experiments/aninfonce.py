@@ -292,7 +292,7 @@ def run_aninfonce_experiment(cfg: AnInfoNCEExperimentConfig | None = None, *,
     with torch_threads(cfg.num_threads):
         mixing = make_mixing(cfg.dim, cfg.mixing_layers, cfg.seed)
         for loss_name in LOSSES:
-            with _progress_bar(progress, cfg.steps, loss_name) as tick:
+            with progress_bar(progress, cfg.steps, loss_name) as tick:
                 encoder, an_loss, final = train_encoder(cfg, loss_name, mixing, tick)
             frame = _evaluate(cfg, encoder, mixing, an_loss, loss_name)
             frame["final_loss"] = final
@@ -388,7 +388,7 @@ def run_and_record(ws: Workspace, cfg: AnInfoNCEExperimentConfig | None = None, 
 
 # -- helpers ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int], None] | None]:
+def progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int], None] | None]:
     if not enabled:
         yield None
         return

@@ -458,7 +458,7 @@ def save_checkpoint(
 
     Loads with ``torch.load(..., weights_only=True)`` and :func:`core.classifiers.load_classifier`.
     """
-    from core.train.clip import _rng_state  # the same RNG snapshot as CLIP checkpoints
+    from core.train.clip import rng_state  # the same RNG snapshot as CLIP checkpoints
 
     folder = checkpoint_dir(run_dir)
     obj = {
@@ -471,7 +471,7 @@ def save_checkpoint(
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
         "adversary": state.adversary.state_dict() if state.adversary is not None else None,
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "config": cfg.to_dict(),
         "metrics": dict(metrics or {}),
         "skipped_images": dict(state.skipped_images),
@@ -735,14 +735,14 @@ def train_classifier(
         WeightsUnavailable: pretrained weights not cached and offline.
     """
     from core.models import select_device, torch_threads
-    from core.train.clip import _file_log
+    from core.train.clip import file_log
 
     device = select_device(cfg.device)
     if cfg.run_id:
         _check_resume(ws, cfg)
     data = load_data(ws, cfg)
     steps = data.steps(cfg)
-    with torch_threads(cfg.cpu_threads), _run_scope(ws, cfg) as run, _file_log(run.dir, True):
+    with torch_threads(cfg.cpu_threads), _run_scope(ws, cfg) as run, file_log(run.dir, True):
         result = _train_in_run(ws, cfg, run, data, steps, device, progress, stop_after_steps)
         if not result.finished:
             run.message = (
@@ -824,9 +824,9 @@ def _train_in_run(
 
 
 def _run_loop(loop: _Loop, state: TrainState, loader: DataLoader, stop_at: int, progress: bool) -> _Window:
-    from core.train.clip import _progress_bar
+    from core.train.clip import progress_bar
 
-    with _progress_bar(progress, loop.total_steps, state.step) as loop.bar:
+    with progress_bar(progress, loop.total_steps, state.step) as loop.bar:
         try:
             return loop.run(state, loader, stop_at) if state.step < stop_at else _Window()
         except KeyboardInterrupt:

@@ -460,7 +460,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -481,7 +481,7 @@ def save_checkpoint(state: TrainState, cfg: TrainClipConfig, run_dir: Path, *, w
         "world_size": world_size,
         "state_dict": _unwrap(state.model).state_dict(), "loss_name": cfg.loss, "loss": state.loss.state_dict(),
         "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-        "scaler": state.scaler.state_dict(), "rng": _rng_state(), "config": cfg.to_dict(),
+        "scaler": state.scaler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
         "metrics": dict(metrics or {}), "skipped_images": dict(state.skipped_images if skipped is None else skipped),
     }
     path = folder / f"step-{state.step:06d}.pt"
@@ -563,7 +563,7 @@ def _run_scope(ws: Workspace, cfg: TrainClipConfig, info: DistInfo) -> Iterator[
 
 
 @contextlib.contextmanager
-def _file_log(run_dir: Path, enabled: bool) -> Iterator[None]:
+def file_log(run_dir: Path, enabled: bool) -> Iterator[None]:
     """Send ``core.*`` log records (INFO and up) to ``run_dir/log.txt`` while training."""
     if not enabled:
         yield
@@ -738,7 +738,7 @@ def train_clip(ws: Workspace, cfg: TrainClipConfig, *, progress: bool = False,
     """
     info = init_distributed(cfg.device)
     try:
-        with torch_threads(cfg.cpu_threads), _run_scope(ws, cfg, info) as run, _file_log(run.dir, info.is_main):
+        with torch_threads(cfg.cpu_threads), _run_scope(ws, cfg, info) as run, file_log(run.dir, info.is_main):
             result = _train_in_run(ws, cfg, run, info, progress, stop_after_steps)
             if not result.finished:
                 run.message = f"stopped at step {result.steps} of {result.total_steps}; resume with run_id={run.id}"
@@ -782,7 +782,7 @@ def _run_loop(ws: Workspace, cfg: TrainClipConfig, run: Any, info: DistInfo, sta
               loader: DataLoader, n_rows: int, skipped: Counter[str], device: torch.device, stop_at: int,
               progress: bool) -> TrainResult:
     ctx = _LoopContext(cfg, run.dir, device, info)
-    with _progress_bar(progress and info.is_main, cfg.steps, state.step) as ctx.bar:
+    with progress_bar(progress and info.is_main, cfg.steps, state.step) as ctx.bar:
         try:
             meter = _loop(state, loader, cfg, ctx, stop_at) if state.step < stop_at else _Meter()
         except KeyboardInterrupt:
@@ -820,7 +820,7 @@ def _record_metrics(ws: Workspace, run_id: str, cfg: TrainClipConfig, final_loss
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int, start: int) -> Iterator[Any]:
+def progress_bar(enabled: bool, total: int, start: int) -> Iterator[Any]:
     if not enabled:
         yield None
         return

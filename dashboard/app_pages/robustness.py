@@ -5,6 +5,9 @@ Headlines come from the per-domain error rows through :mod:`core.evaluate.robust
 :func:`dashboard.queries.robustness_headlines`): the mCE over severities 1-5 (Hendrycks & Dietterich, ICLR
 2019; RobustBench), or the mean error at severity 5 as test-time adaptation papers report it (mCE is not
 defined per severity). Published numbers (``reference_results``) are drawn apart and named by source.
+
+The detection section shows P / mPC / rPC of ``eval-detection`` runs (Michaelis et al. 2019) as the
+evaluation stored them, beside the published michaelis2019 rows, and AP per corruption.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dashboard import robustness_charts as rcharts
 
 KEY = "robustness_"
 EVAL_COMMAND = "prunescope eval corruptions DATASET --model CHECKPOINT [--adapt none,bn,tent,rpl]"
+DETECTION_COMMAND = "prunescope eval detection DATA --model torchvision:fasterrcnn_resnet50_fpn"
 #: The headline's name per protocol (the column and axis title).
 METRIC_NAMES = {"all": "mCE (%)", "sev5": "mean error, severity 5 (%)"}
 #: What a per-corruption difference averages, per protocol.
@@ -33,18 +37,25 @@ def render() -> None:
     st.title("Robustness")
     st.caption("Top-1 error under the ImageNet-C corruptions (15 test, 4 hold-out; severities 1-5), with and "
                "without test-time adaptation. mCE normalises each corruption's error by AlexNet's "
-               "(100 = AlexNet; Hendrycks & Dietterich, ICLR 2019); lower is better everywhere.")
+               "(100 = AlexNet; Hendrycks & Dietterich, ICLR 2019); lower is better everywhere. Object "
+               "detectors under the same corruptions are in their own section below (AP: higher is better).")
     try:
         rows = queries.corruption_metrics(root)
         reference, in_catalog = queries.reference_robustness(root)
     except PrunescopeError as exc:
         st.error(exc.one_line())
         return
+    _classification(root, rows, reference)
+    _detection_section(root, reference)
+    _published(reference, in_catalog)
+
+
+def _classification(root: str, rows: pd.DataFrame, reference: pd.DataFrame) -> None:
+    """The classification grids: headlines, gains, one grid, two side by side, not applicable."""
     datasets = sorted(set(rows.loc[rows["metric"].isin(["error", "not_applicable"]), "dataset"]))
     if not datasets:
         st.info("No corruption evaluation yet. Evaluate a model on a corruption grid with "
                 f"`{EVAL_COMMAND}`; the demo (`prunescope demo`) makes some.")
-        _published(reference, in_catalog)
         return
     dataset, protocol = _controls(datasets)
     try:
@@ -59,7 +70,6 @@ def render() -> None:
         _heatmap_section(root, dataset, headlines)
         _compare_section(root, dataset, headlines, protocol)
     _not_applicable(rows, dataset)
-    _published(reference, in_catalog)
 
 
 def _controls(datasets: list[str]) -> tuple[str, str]:
@@ -254,6 +264,70 @@ def _diff_display(diff: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"corruption": diff["corruption"], "hold-out": diff["hold_out"],
                          "A (%)": diff["a"].round(2), "B (%)": diff["b"].round(2),
                          "B − A": diff["difference"].round(2)})
+
+
+# -- detection ---------------------------------------------------------------------------------------
+def _detection_section(root: str, reference: pd.DataFrame) -> None:
+    """P / mPC / rPC per model and run beside the published numbers, and AP per corruption."""
+    st.divider()
+    st.subheader("Detection (mPC / rPC)")
+    st.caption("Object detectors under the same corruptions (Michaelis et al. 2019): P = clean AP, mPC = mean "
+               "AP over the 15 test corruptions x severities 1-5, rPC = mPC / P. Pascal VOC reports AP50, "
+               "COCO AP@[.5:.95]. Higher is better.")
+    try:
+        summary = queries.detection_summary(root)
+        cells = queries.detection_metrics(root)
+    except PrunescopeError as exc:
+        st.error(exc.one_line())
+        return
+    published = rcharts.published_detection(reference)
+    if summary.empty:
+        st.info(f"No detection evaluation yet. Evaluate a detector with `{DETECTION_COMMAND}`.")
+        if not published.empty:
+            st.dataframe(_detection_display(summary, published), hide_index=True, width="stretch",
+                         key=KEY + "det_table")
+        return
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    dataset = st.selectbox("Detection dataset", datasets, key=KEY + "det_dataset") if len(datasets) > 1 \
+        else datasets[0]
+    mine = summary[summary["dataset"] == dataset]
+    st.dataframe(_detection_display(mine, published), hide_index=True, width="stretch", key=KEY + "det_table")
+    st.caption("Published rows (michaelis2019, Faster R-CNN R50-FPN) were measured on COCO, Pascal VOC and "
+               "Cityscapes, not here: a yardstick. An empty mPC means a partial grid (mPC needs all 75 cells).")
+    _download(mine, f"{dataset}-detection-summary", "det_summary")
+    _detection_bars(cells[cells["dataset"] == dataset], mine, dataset)
+
+
+def _detection_bars(cells: pd.DataFrame, summary: pd.DataFrame, dataset: str) -> None:
+    metrics = ["AP", "AP50"]
+    default = str(summary["primary"].iloc[0]) if str(summary["primary"].iloc[0]) in metrics else "AP"
+    st.session_state.setdefault(KEY + "det_metric", default)
+    metric = st.radio("Bars show", metrics, horizontal=True, key=KEY + "det_metric",
+                      help="AP@[.5:.95] (COCO's headline) or AP at IoU 0.5 (Pascal VOC's); both are stored.")
+    newest = summary.drop_duplicates("model", keep="first")  # summary is newest run first
+    keep = set(zip(newest["run_id"], newest["model"], strict=True))
+    newest_run = pd.Series([(r, m) in keep for r, m in zip(cells["run_id"], cells["model"], strict=True)],
+                           index=cells.index, dtype=bool)
+    rows = cells[(cells["metric"] == metric) & newest_run]
+    means = rcharts.corruption_ap_means(rows)
+    st.plotly_chart(rcharts.detection_corruption_bars(means, metric=str(metric)), key=KEY + "det_chart")
+    st.caption("Bars show the newest run of each model; the table above lists every run.")
+    _download(means, f"{dataset}-detection-{metric}-per-corruption", "det_bars")
+
+
+def _detection_display(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
+    """The detection table as shown: this workspace's runs, then the published rows marked as such."""
+    ours = pd.DataFrame({"run": summary["run_id"], "model": summary["model"], "dataset": summary["dataset"],
+                         "metric": summary["primary"], "P (%)": summary["P"].round(2),
+                         "mPC (%)": summary["mPC"].round(2), "rPC (%)": summary["rPC"].round(2),
+                         "origin": "this workspace", "note": summary["note"],
+                         "corrupted cells": summary["cells"].astype("Int64")})
+    theirs = pd.DataFrame({"run": "", "model": published["model"], "dataset": published["dataset"],
+                           "metric": published["primary"], "P (%)": published["P"], "mPC (%)": published["mPC"],
+                           "rPC (%)": published["rPC"], "origin": "published, " + published["source"].astype(str),
+                           "note": "", "corrupted cells": pd.array([pd.NA] * len(published), "Int64")})
+    frames = [f for f in (ours, theirs) if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else ours
 
 
 # -- not applicable and published -------------------------------------------------------------------

@@ -329,7 +329,8 @@ def _jobs_section(root: str, was_active: bool) -> None:
     ids = table["id"].tolist()
     if st.session_state.get(KEY + "job") not in ids:
         st.session_state[KEY + "job"] = ids[0]
-    stages = dict(zip(table["id"], table["stage"], strict=True))
+    stages = {i: f"{stage}: {target}" if target else stage
+              for i, stage, target in zip(table["id"], table["stage"], table["target"], strict=True)}
     cols = st.columns([4, 1], vertical_alignment="bottom")
     # (no status in the label: the browser keeps a selected option's old label when only the label changes)
     run_id = cols[0].selectbox("Job", ids, key=KEY + "job", format_func=lambda i: f"{i} ({stages[i]})")
@@ -348,7 +349,7 @@ def _note_ended(table: pd.DataFrame) -> None:
 
 def _table(table: pd.DataFrame) -> None:
     """The jobs, newest first, with a progress column (plain cells: nothing in them is rendered)."""
-    st.dataframe(table[["id", "stage", "status", "fraction", "started_at", "ended_at"]], key=KEY + "table",
+    st.dataframe(table[["id", "stage", "target", "status", "fraction", "started_at", "ended_at"]], key=KEY + "table",
                  hide_index=True, width="stretch", height=min(38 + 35 * len(table), 250), column_config={
                      "id": st.column_config.TextColumn("id", width="medium"),
                      "fraction": st.column_config.ProgressColumn("progress", format="percent", min_value=0.0,

@@ -223,3 +223,156 @@ def test_switching_dataset_shows_only_its_grids(tmp_path, open_page):
     assert headline_of(table, "mCE (%)", "eval-c-0009", MODELS[1], "bn") == pytest.approx(
         expected_mce(MODELS[1], "bn", TEST_CORRUPTIONS), abs=0.006)
     assert at.selectbox(key="robustness_cmp_b").value == ("eval-c-0009", MODELS[1], "bn")
+
+
+# -- detection (Michaelis et al. 2019) -------------------------------------------------------------------
+DET_DATASET = "shapes-det"
+#: (run id, model, full grid?) of each detection evaluation, oldest first.
+DET_RUNS = (("det-0001", "frcnn-a", True), ("det-0002", "frcnn-b", False), ("det-0003", "frcnn-a", True))
+#: Corruptions of the partial grid.
+DET_PARTIAL = TEST_CORRUPTIONS[:4]
+
+
+def det_ap(run: int, corruption: str | None, severity: int) -> float:
+    """A known AP (fraction) per cell: falls with severity, differs per corruption and run."""
+    if corruption is None:
+        return 0.62 - 0.05 * run
+    return round(0.55 - 0.07 * severity - 0.01 * TEST_CORRUPTIONS.index(corruption) - 0.03 * run, 4)
+
+
+def det_results(run: int, model: str, full: bool) -> pd.DataFrame:
+    names = TEST_CORRUPTIONS if full else DET_PARTIAL
+    rows = [{"model": model, "corruption": "clean", "severity": 0, "n_images": 40, "ap": det_ap(run, None, 0),
+             "ap50": min(1.0, 1.5 * det_ap(run, None, 0)), "ap75": 0.0}]
+    rows += [{"model": model, "corruption": c, "severity": s, "n_images": 40, "ap": det_ap(run, c, s),
+              "ap50": min(1.0, 1.5 * det_ap(run, c, s)), "ap75": 0.0} for c in names for s in SEVERITIES]
+    return pd.DataFrame(rows)
+
+
+def add_detection_runs(ws) -> None:
+    """Detection runs written with the evaluation's own row writer (core.evaluate.detection.metric_rows)."""
+    from core.evaluate.detection import RUN_KIND, metric_rows
+
+    start = datetime(2025, 2, 1, 12, 0)
+    ws.catalog.insert("runs", [{"id": r, "kind": RUN_KIND, "status": "done", "config_json": '{"metric": "ap"}',
+                                "seed": 0, "started_at": start + timedelta(minutes=i), "run_dir": f"runs/{r}"}
+                               for i, (r, _, _) in enumerate(DET_RUNS)])
+    for i, (run_id, model, full) in enumerate(DET_RUNS):
+        ws.catalog.insert("metrics", metric_rows(run_id, DET_DATASET, det_results(i, model, full), "ap"))
+
+
+@pytest.fixture(scope="module")
+def det_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("detection") / "ws"
+    ws = build_eval_workspace(root, partial=False)
+    add_detection_runs(ws)
+    return root
+
+
+def det_table(at: AppTest) -> pd.DataFrame:
+    found = [df.value for df in at.dataframe if "mPC (%)" in df.value.columns]
+    assert len(found) == 1, [list(df.value.columns) for df in at.dataframe]
+    return found[0]
+
+
+def test_detection_table_equals_core_mpc_rpc_and_marks_published(det_root, open_page):
+    from core.evaluate.robustness import mpc, rpc
+
+    at = open_page(PAGE, det_root)
+    assert not at.error, [e.value for e in at.error]
+    table = det_table(at)
+    ours = table[table["origin"] == "this workspace"]
+    assert ours["run"].tolist() == ["det-0003", "det-0002", "det-0001"]  # newest first
+    for i, (run_id, _model, full) in enumerate(DET_RUNS):
+        row = ours[ours["run"] == run_id].iloc[0]
+        assert row["P (%)"] == pytest.approx(100 * det_ap(i, None, 0), abs=0.006)
+        assert row["metric"] == "AP"
+        if full:
+            cells = pd.DataFrame([{"corruption": c, "severity": s, "ap": 100 * det_ap(i, c, s)}
+                                  for c in TEST_CORRUPTIONS for s in SEVERITIES])
+            assert row["mPC (%)"] == pytest.approx(mpc(cells), abs=0.006)
+            assert row["rPC (%)"] == pytest.approx(rpc(mpc(cells), 100 * det_ap(i, None, 0)), abs=0.006)
+            assert row["corrupted cells"] == 75 and row["note"] == ""
+        else:
+            assert pd.isna(row["mPC (%)"]) and pd.isna(row["rPC (%)"])
+            assert row["corrupted cells"] == 20 and "20 of 75" in row["note"]
+    published = table[table["origin"] == "published, michaelis2019"].set_index("dataset")
+    assert published.loc["coco", ["P (%)", "mPC (%)", "rPC (%)"]].tolist() == [36.3, 18.2, 50.2]
+    assert published.loc["pascal", "metric"] == "AP50" and published.loc["pascal", "mPC (%)"] == 48.6
+    # the classification sections are still there
+    assert frame(at, "headline") is not None and frame(at, "published") is not None
+
+
+def test_detection_bars_average_severities_per_corruption(det_root, open_page):
+    at = open_page(PAGE, det_root)
+    charts = [c for c in at.get("plotly_chart") if "per corruption, mean over severities" in c.proto.spec]
+    assert len(charts) == 1
+    import json
+
+    fig = json.loads(charts[0].proto.spec)
+    names = [t["name"] for t in fig["data"]]
+    assert names == ["frcnn-a", "frcnn-b"]  # one bar trace per model: its newest run
+    a = fig["data"][0]
+    assert a["x"][0] == "clean" and a["x"][1:16] == list(TEST_CORRUPTIONS)
+    assert a["y"][0] == pytest.approx(100 * det_ap(2, None, 0))
+    c = TEST_CORRUPTIONS[6]
+    assert a["y"][7] == pytest.approx(np.mean([100 * det_ap(2, c, s) for s in SEVERITIES]))
+    b = fig["data"][1]
+    assert b["y"][len(DET_PARTIAL) + 1] is None  # the partial grid has no bar where it has no cell
+    at.radio(key="robustness_det_metric").set_value("AP50").run()
+    fig = json.loads([c for c in at.get("plotly_chart") if "AP50 per corruption" in c.proto.spec][0].proto.spec)
+    assert fig["data"][0]["y"][0] == pytest.approx(100 * min(1.0, 1.5 * det_ap(2, None, 0)))
+
+
+def test_detection_empty_state_still_shows_published(small_workspace, open_page):
+    at = open_page(PAGE, small_workspace.root)
+    assert not at.error
+    info = " ".join(i.value for i in at.info)
+    assert "prunescope eval detection DATA --model" in info
+    table = det_table(at)
+    assert set(table["origin"]) == {"published, michaelis2019"} and len(table) == 3
+
+
+def test_detection_hostile_model_names_render_as_text(tmp_path, open_page, hostile_captions):
+    from core.evaluate.detection import metric_rows
+    from core.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    ws.catalog.insert("runs", [{"id": "evil-det", "kind": "eval-detection", "status": "done", "config_json": "{}"}])
+    for name in hostile_captions:
+        ws.catalog.insert("metrics", metric_rows("evil-det", "<b>data</b>", det_results(0, name, True), "ap"))
+    at = open_page(PAGE, tmp_path / "ws")
+    assert not at.error, [e.value for e in at.error]
+    ours = det_table(at)
+    assert set(ours.loc[ours["origin"] == "this workspace", "model"]) == set(hostile_captions)
+    assert not any("<script>" in m.value or "<b>" in m.value for m in at.markdown)
+    spec = [c for c in at.get("plotly_chart") if "per corruption" in c.proto.spec][0].proto.spec
+    assert "<script>" not in spec and "&lt;script&gt;" in spec
+
+
+def test_published_detection_joins_clean_and_corrupted_rows():
+    from core.reference import reference_results
+    from dashboard.robustness_charts import published_detection
+
+    table = published_detection(reference_results()).set_index("dataset")
+    assert sorted(table.index) == ["cityscapes", "coco", "pascal"]
+    assert table.loc["cityscapes", ["P", "mPC", "rPC"]].tolist() == [36.4, 12.2, 33.4]
+    assert table.loc["coco", "primary"] == "AP" and set(table["source"]) == {"michaelis2019"}
+    # rPC as published is mPC / P (to the paper's rounding)
+    assert (100 * table["mPC"] / table["P"] - table["rPC"]).abs().max() < 0.2
+
+
+def test_corruption_ap_means_order_and_counts():
+    from dashboard.robustness_charts import corruption_ap_means
+
+    rows = pd.DataFrame([
+        {"run_id": "r", "model": "m", "corruption": "fog", "severity": 1, "value": 10.0},
+        {"run_id": "r", "model": "m", "corruption": "fog", "severity": 3, "value": 20.0},
+        {"run_id": "r", "model": "m", "corruption": "speckle_noise", "severity": 2, "value": 5.0},
+        {"run_id": "r", "model": "m", "corruption": "gaussian_noise", "severity": 5, "value": 1.0},
+        {"run_id": "r", "model": "m", "corruption": None, "severity": 0, "value": 50.0},
+    ])
+    out = corruption_ap_means(rows)
+    assert out["corruption"].tolist() == ["clean", "gaussian_noise", "fog", "speckle_noise"]
+    assert out["value"].tolist() == [50.0, 1.0, 15.0, 5.0] and out["severities"].tolist() == [1, 1, 2, 1]
+    assert corruption_ap_means(rows.iloc[:0]).empty

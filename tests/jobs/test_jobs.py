@@ -187,8 +187,9 @@ BAD = [
         "clustr",
         {},
         UnknownName,
-        r"job stage 'clustr' not found \(did you mean 'cluster'\?\); available: cluster, "
-        r"embed, eval-corruptions, eval-zeroshot, prune, similarity, train-classifier, train-clip",
+        r"job stage 'clustr' not found \(did you mean 'cluster'\?\); available: cluster, demo, "
+        r"embed, eval-corruptions, eval-detection, eval-zeroshot, prune, similarity, train-classifier, "
+        r"train-clip, train-detector",
     ),
     ("cluster", {"k": 1}, ConfigError, r"parameter 'k' must be >= 2; got 1"),
     ("cluster", {"k": "ten"}, ConfigError, r"parameter 'k' must be a int; got 'ten'"),

@@ -4,7 +4,7 @@ read-only catalog access must never see a lock error while jobs write.
 
 Kill points are drawn from a seeded generator (``PRUNESCOPE_KILL_SEED``, default 0); each stage is
 killed ``PRUNESCOPE_KILL_TRIALS`` times (default 1) before the final resume. The soak lasts
-``PRUNESCOPE_SOAK_S`` seconds (default 45).
+``PRUNESCOPE_SOAK_S`` seconds (default 120).
 
 Tolerance for training: the resumed run's final weights equal the uninterrupted run's exactly (the
 trainer restores model, optimiser, scheduler and RNG state, and every batch is a pure function of the
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 SEED = int(os.environ.get("PRUNESCOPE_KILL_SEED", "0"))
 TRIALS = int(os.environ.get("PRUNESCOPE_KILL_TRIALS", "1"))
-SOAK_S = float(os.environ.get("PRUNESCOPE_SOAK_S", "45"))
+SOAK_S = float(os.environ.get("PRUNESCOPE_SOAK_S", "120"))
 CLASSES = ("circle", "square", "triangle")
 
 

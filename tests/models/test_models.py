@@ -187,14 +187,14 @@ def test_offline_weights_error_names_source_and_checkpoint_alternative(tmp_path)
 
 def test_unreachable_hub_and_failed_download_raise_weights_unavailable(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "hub_offline", lambda: False)
-    monkeypatch.setattr(models, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(models, "reachable", lambda host, timeout=3.0: False)
     with pytest.raises(WeightsUnavailable, match=r"ViT-B-32/openai .*the hub cannot be reached.*--checkpoint PATH"):
         fetch_pretrained("ViT-B-32", "openai", cache_dir=tmp_path)
 
     def refuse(*args, **kwargs):
         raise OSError("[Errno 101] Network is unreachable")
 
-    monkeypatch.setattr(models, "_reachable", lambda host, timeout=3.0: True)
+    monkeypatch.setattr(models, "reachable", lambda host, timeout=3.0: True)
     monkeypatch.setattr(open_clip, "download_pretrained", refuse)
     with pytest.raises(WeightsUnavailable, match="the download failed: .*Network is unreachable"):
         fetch_pretrained("ViT-B-32", "laion2b_s34b_b79k", cache_dir=tmp_path)
