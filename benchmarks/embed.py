@@ -126,8 +126,9 @@ def machine_line(clip) -> str:
             f"({torch.get_num_threads()} threads), device {clip.device} [{dev}], precision {clip.precision}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace) -> dict:
+    """Both loops, interleaved ``args.repeats`` times: ``stage`` and ``raw`` img/s per run, the model's
+    ``clip`` handle, ``n_images`` and the batches' image size."""
     import torch
 
     if args.threads:
@@ -144,28 +145,36 @@ def main(argv: list[str] | None = None) -> int:
                           dtype="float16", device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                           set_id="bench-embed", limit=args.n)
         batches = preprocessed_batches(ws, dataset, clip, args.n, args.batch_size)
-        n_images = sum(len(b) for b in batches)
         time_raw(clip, batches[:2])  # warm-up: kernel selection, allocator, cuDNN autotune
         stage, raw = [], []
         for _ in range(args.repeats):  # interleaved, so that drift in machine load hits both alike
             stage.append(time_stage(ws, cfg))
             raw.append(time_raw(clip, batches))
-        # The best run of each loop is the least disturbed by other jobs (timeit's rule); medians beside.
-        s, r = max(stage), max(raw)
-        print(f"embed benchmark: {args.model} ({clip.weights}), {n_images} images -> {clip.image_size}px, "
-              f"batch {args.batch_size}, {args.num_workers} workers, best of {args.repeats}")
-        print(f"{'loop':<44}{'img/s':>9}{'median':>9}   runs")
-        for name, best, runs in (("embed stage (read+decode+forward+write)", s, stage),
-                                 ("raw model.encode_image (same batches)", r, raw)):
-            print(f"{name:<44}{best:>9.1f}{statistics.median(runs):>9.1f}   {', '.join(f'{v:.1f}' for v in runs)}")
-        print(f"{'ratio stage / raw':<44}{s / r:>9.2f}{statistics.median(stage) / statistics.median(raw):>9.2f}"
-              f"   (goal >= 0.90 on CPU)")
-        print(machine_line(clip))
-        print("RESULT " + json.dumps({"model": args.model, "weights": clip.weights, "device": str(clip.device),
-                                      "precision": clip.precision, "n": n_images, "batch_size": args.batch_size,
-                                      "num_workers": args.num_workers, "stage_img_s": round(s, 2),
-                                      "raw_img_s": round(r, 2), "ratio": round(s / r, 3),
-                                      "threads": torch.get_num_threads()}))
+    return {"stage": stage, "raw": raw, "clip": clip, "n_images": sum(len(b) for b in batches)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    m = measure(args)
+    stage, raw, clip, n_images = m["stage"], m["raw"], m["clip"], m["n_images"]
+    # The best run of each loop is the least disturbed by other jobs (timeit's rule); medians beside.
+    s, r = max(stage), max(raw)
+    print(f"embed benchmark: {args.model} ({clip.weights}), {n_images} images -> {clip.image_size}px, "
+          f"batch {args.batch_size}, {args.num_workers} workers, best of {args.repeats}")
+    print(f"{'loop':<44}{'img/s':>9}{'median':>9}   runs")
+    for name, best, runs in (("embed stage (read+decode+forward+write)", s, stage),
+                             ("raw model.encode_image (same batches)", r, raw)):
+        print(f"{name:<44}{best:>9.1f}{statistics.median(runs):>9.1f}   {', '.join(f'{v:.1f}' for v in runs)}")
+    print(f"{'ratio stage / raw':<44}{s / r:>9.2f}{statistics.median(stage) / statistics.median(raw):>9.2f}"
+          f"   (goal >= 0.90 on CPU)")
+    print(machine_line(clip))
+    print("RESULT " + json.dumps({"model": args.model, "weights": clip.weights, "device": str(clip.device),
+                                  "precision": clip.precision, "n": n_images, "batch_size": args.batch_size,
+                                  "num_workers": args.num_workers, "stage_img_s": round(s, 2),
+                                  "raw_img_s": round(r, 2), "ratio": round(s / r, 3),
+                                  "threads": torch.get_num_threads()}))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,11 +72,21 @@ def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+#: Terminal control characters (C0 but tab and newline, DEL, C1): ESC sequences in a caption or a file name
+#: could clear the screen, retitle the terminal or forge output, so the CLI never prints them raw.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def inert(text: object) -> str:
+    """``text`` with terminal control characters shown as ``\\xNN`` escapes (user data printed as plain text)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
 def _print_table(df: Any) -> None:
     if df.empty:
         typer.echo("(none)")
         return
-    typer.echo(df.to_string(index=False))
+    typer.echo(inert(df.to_string(index=False)))
 
 
 @app.callback()
@@ -138,7 +149,7 @@ def datasets_show(name: str, workspace: WorkspaceOpt = None) -> None:
     ws = _ws(workspace)
     row = dataset_row(ws, name)
     for key, value in row.items():
-        typer.echo(f"{key:>13}: {value}")
+        typer.echo(inert(f"{key:>13}: {value}"))
     typer.echo("\nissues:")
     _print_table(dataset_issues(ws, name))
     typer.echo("\nfirst samples:")
@@ -183,9 +194,17 @@ def embed(
     set_id: Annotated[str | None, typer.Option(help="name of the embedding set")] = None,
     limit: Annotated[int | None, typer.Option(help="embed only the first N samples")] = None,
     replace: Annotated[bool, typer.Option(help="recompute an existing set from scratch")] = False,
+    backend: Annotated[str, typer.Option(help="local | ray (run on a Ray cluster, see --address)")] = "local",
+    address: Annotated[str | None, typer.Option(help="with --backend ray: auto (the running cluster) | local "
+                                                     "(a Ray on this machine) | HOST:PORT [default: auto]")] = None,
+    num_gpus: Annotated[float | None, typer.Option(help="with --backend ray: GPUs per embedding actor "
+                                                         "[default: 0, CPU actors]")] = None,
+    actors: Annotated[int | None, typer.Option(help="with --backend ray: embedding actors, each holding the model "
+                                                    "[default: 1]")] = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Embed a dataset's images and/or captions (sharded, resumable: rerun to continue)."""
+    from core.distributed import make_backend
     from core.embed import EmbedConfig, embed_dataset
 
     kw: dict[str, Any] = {} if num_workers is None else {"num_workers": num_workers}
@@ -193,7 +212,8 @@ def embed(
                       checkpoint=str(checkpoint) if checkpoint else None, modality=modality, batch_size=batch_size,
                       shard_rows=shard_rows, dtype=dtype, device=device, precision=precision,
                       cache_dir=str(cache_dir) if cache_dir else None, set_id=set_id, limit=limit, **kw)
-    info = embed_dataset(_ws(workspace), cfg, progress=sys.stderr.isatty(), replace=replace)
+    runner = make_backend(backend, address, num_gpus=num_gpus, actors=actors)
+    info = embed_dataset(_ws(workspace), cfg, progress=sys.stderr.isatty(), replace=replace, backend=runner)
     rate = f", {info.images_per_s:.1f} rows/s" if info.images_per_s else ""
     typer.echo(f"embedding set {info.id}: {info.n} rows x {info.dim} ({info.dtype}), {info.n_skipped} skipped{rate}")
 
@@ -211,15 +231,19 @@ def cluster(
                                                           "with through the set's CLIP text tower")] = None,
     templates: Annotated[Path | None, typer.Option(help="prompt templates for --vocabulary ('a photo of a {}.')")] = None,
     replace: Annotated[bool, typer.Option(help="recompute an existing clustering")] = False,
+    backend: Annotated[str, typer.Option(help="local | ray (run on a Ray cluster, see --address)")] = "local",
+    address: Annotated[str | None, typer.Option(help="with --backend ray: auto (the running cluster) | local "
+                                                     "(a Ray on this machine) | HOST:PORT [default: auto]")] = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Spherical k-means (faiss) of an embedding set, with per-cluster size, d_intra, d_inter, complexity, label."""
     from core.clustering import ClusterConfig, run_clustering
+    from core.distributed import make_backend
 
     cfg = ClusterConfig(embedding_set=embedding_set, k=k, seed=seed, niter=niter, fit_sample=fit_sample,
                         n_neighbors=neighbors, clustering_id=clustering_id,
                         vocabulary=str(vocabulary) if vocabulary else None, templates=str(templates) if templates else None)
-    info = run_clustering(_ws(workspace), cfg, replace=replace)
+    info = run_clustering(_ws(workspace), cfg, replace=replace, backend=make_backend(backend, address))
     typer.echo(f"clustering {info.id}: {info.n} rows in {info.k} clusters, {info.n_skipped} skipped")
     top = info.stats.sort_values("size", ascending=False).head(10)
     cols = ["cluster", "size", "d_intra", "d_inter", "complexity", "label"]
@@ -298,14 +322,18 @@ def prune(
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
     pruning_id: Annotated[str | None, typer.Option("--id", help="name of the manifest")] = None,
     replace: Annotated[bool, typer.Option(help="recompute an existing manifest")] = False,
+    backend: Annotated[str, typer.Option(help="local | ray (run on a Ray cluster, see --address)")] = "local",
+    address: Annotated[str | None, typer.Option(help="with --backend ray: auto (the running cluster) | local "
+                                                     "(a Ray on this machine) | HOST:PORT [default: auto]")] = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Prune a clustering with a chain of methods; writes manifests/<id>.parquet (kept + removed with reasons)."""
+    from core.distributed import make_backend
     from core.prune.manifest import PruneConfig, run_pruning
 
     cfg = PruneConfig(clustering_id=clustering, chain=[_parse_step(s) for s in step], seed=seed,
                       fraction_of=fraction_of, pruning_id=pruning_id)
-    info = run_pruning(_ws(workspace), cfg, replace=replace)
+    info = run_pruning(_ws(workspace), cfg, replace=replace, backend=make_backend(backend, address))
     typer.echo(f"pruning {info.id}: kept {info.n_kept:,} of {info.n_in:,} ({info.n_kept / max(info.n_in, 1):.1%})")
     for reason, count in sorted(info.meta.get("removed_by_reason", {}).items()):
         if count:
@@ -344,7 +372,9 @@ def export(
     """Export a manifest's kept ids: a plain id list, a DataComp subset .npy, or webdataset keys."""
     from core.prune.manifest import export_manifest
 
-    path = export_manifest(_ws(workspace), pruning, fmt, out)
+    ws = _ws(workspace)
+    ws.check_output(out)
+    path = export_manifest(ws, pruning, fmt, out)
     typer.echo(f"wrote {path}")
 
 
@@ -354,15 +384,19 @@ def similarity(
     reference_set: Annotated[str, typer.Argument(help="the reference train set's embedding set")],
     benchmark_sets: Annotated[list[str], typer.Argument(help="one embedding set per benchmark")],
     analysis_id: Annotated[str | None, typer.Option("--id", help="name of the analysis")] = None,
+    backend: Annotated[str, typer.Option(help="local | ray (run on a Ray cluster, see --address)")] = "local",
+    address: Annotated[str | None, typer.Option(help="with --backend ray: auto (the running cluster) | local "
+                                                     "(a Ray on this machine) | HOST:PORT [default: auto]")] = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Train-test similarity (CLIP-OOD): per benchmark, test samples with a pool neighbour closer than their
     reference neighbour, and the pool samples that are (the paper's pruning)."""
+    from core.distributed import make_backend
     from core.similarity_stage import SimilarityConfig, run_similarity
 
     cfg = SimilarityConfig(pool_set=pool_set, reference_set=reference_set, benchmark_sets=tuple(benchmark_sets),
                            analysis_id=analysis_id)
-    summary = run_similarity(_ws(workspace), cfg)
+    summary = run_similarity(_ws(workspace), cfg, backend=make_backend(backend, address))
     typer.echo(f"similarity analysis {cfg.id}:")
     _print_table(summary[["benchmark", "n_test", "share_test_pool_closer", "n_prune", "median_s_ref",
                           "median_nn_pool_sim"]])
@@ -516,7 +550,9 @@ def corrupt_images(
     """Write an ImageNet-C-style corrupted copy of a labelled dataset (resumable; source untouched)."""
     from core.corrupt import TEST_CORRUPTIONS, write_imagenet_c
 
-    report = write_imagenet_c(dataset, out, ws=_ws(workspace), corruptions=_csv(corruptions) or TEST_CORRUPTIONS,
+    ws = _ws(workspace)
+    ws.check_output(out)
+    report = write_imagenet_c(dataset, out, ws=ws, corruptions=_csv(corruptions) or TEST_CORRUPTIONS,
                               severities=_ints(severities), seed=seed, size=size, progress=sys.stderr.isatty())
     typer.echo(report.summary())
 
@@ -536,7 +572,10 @@ def corrupt_detection(
     from core.detection.data import open_detection, write_corrupted_detection
     from core.evaluate.detection import resolve_data_path
 
-    ds = open_detection(resolve_data_path(_ws(workspace), data), split=split)
+    ws = _ws(workspace)
+    source = resolve_data_path(ws, data)
+    ws.check_output(out, sources=[Path(source)])
+    ds = open_detection(source, split=split)
     report = write_corrupted_detection(ds, out, corruptions=_csv(corruptions) or TEST_CORRUPTIONS,
                                        severities=_ints(severities), seed=seed, progress=sys.stderr.isatty())
     typer.echo(report.summary())
@@ -751,9 +790,9 @@ def jobs_status(run_id: str, workspace: WorkspaceOpt = None) -> None:
     info = job_status(_ws(workspace), run_id)
     for key, value in info.items():
         if key != "log_tail":
-            typer.echo(f"{key}: {value}")
+            typer.echo(inert(f"{key}: {value}"))
     if info.get("log_tail"):
-        typer.echo("--- log tail ---\n" + str(info["log_tail"]))
+        typer.echo("--- log tail ---\n" + inert(info["log_tail"]))
 
 
 @jobs_app.command("cancel")
@@ -882,11 +921,19 @@ def main() -> None:
     try:
         app()
     except PrunescopeError as exc:
-        typer.echo(f"error: {exc.one_line()}", err=True)
+        typer.echo(f"error: {inert(exc.one_line())}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a write outside core.atomic (a log line, a progress record) on a full disk
+        from core.atomic import disk_full_error
+
+        full = disk_full_error(exc)
+        if full is None:
+            raise
+        typer.echo(f"error: {inert(full.one_line())}", err=True)
+        sys.exit(full.exit_code)
 
 
 if __name__ == "__main__":

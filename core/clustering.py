@@ -15,25 +15,29 @@ with the same config is reused; rows whose embedding is NaN, infinite or zero ar
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from core import atomic
 from core.cluster import assign, cluster_stats, fit_centroids, validate_embeddings
 from core.errors import ConfigError, DataError, MissingFileError
+from core.files import load_npy, read_json, read_table, reading
 from core.store.catalog import insert_rows, utcnow
 from core.workspace import Workspace, validate_name
 
+if TYPE_CHECKING:
+    from core.distributed import RayBackend
+
 log = logging.getLogger(__name__)
+#: What to do when a clustering's files are missing or damaged.
+CLUSTER_HINT = "re-run the clustering: prunescope cluster SET --id ID --replace"
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,13 @@ class ClusteringInfo:
     stats: pd.DataFrame
 
 
-def run_clustering(ws: Workspace, cfg: ClusterConfig, *, replace: bool = False) -> ClusteringInfo:
-    """Fit, assign, measure and label; returns the registered clustering (reused when complete)."""
+def run_clustering(ws: Workspace, cfg: ClusterConfig, *, replace: bool = False,
+                   backend: RayBackend | None = None) -> ClusteringInfo:
+    """Fit, assign, measure and label; returns the registered clustering (reused when complete).
+
+    ``backend`` assigns the rows on a Ray cluster, shard by shard (:mod:`core.distributed`); the
+    centroids are fitted here on the sample either way, and the outputs are the same.
+    """
     from core.embed import embedding_set_row, iter_embedding_shards
 
     set_row = embedding_set_row(ws, cfg.embedding_set)
@@ -111,7 +120,7 @@ def run_clustering(ws: Workspace, cfg: ClusterConfig, *, replace: bool = False) 
     meta_path = folder / "meta.json"
     config = {k: v for k, v in asdict(cfg).items() if k != "gpu"}
     if meta_path.exists() and not replace:
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, f"the meta.json of clustering '{cfg.id}'", hint=CLUSTER_HINT)
         if meta.get("config") == config and meta.get("complete"):
             return _info(ws, cfg, folder, meta)
     shards = lambda: iter_embedding_shards(ws, cfg.embedding_set, cfg.modality)  # noqa: E731
@@ -127,7 +136,12 @@ def run_clustering(ws: Workspace, cfg: ClusterConfig, *, replace: bool = False) 
         raise ConfigError(f"k = {cfg.k} is more than the {len(sample)} valid rows sampled from "
                           f"'{cfg.embedding_set}'", hint="lower --k or raise --fit-sample")
     centroids = fit_centroids(sample, cfg.k, seed=cfg.seed, niter=cfg.niter, gpu=cfg.gpu)
-    table, skipped = _assign_all(shards(), centroids)
+    if backend is None:
+        table, skipped = _assign_all(shards(), centroids)
+    else:
+        from core.distributed import assign_set
+
+        table, skipped = assign_set(backend, ws, cfg.embedding_set, cfg.modality, centroids)
     if table.num_rows == 0:
         raise DataError(f"embedding set '{cfg.embedding_set}' has no valid rows to cluster")
     labels = table.column("cluster").to_numpy()
@@ -245,13 +259,14 @@ def clustering_meta(ws: Workspace, clustering_id: str) -> dict[str, Any]:
     if not meta_path.exists():
         raise DataError(f"clustering '{clustering_id}' has no meta.json in {meta_path.parent}",
                         hint=f"run it again: prunescope cluster {row['embedding_set']} --replace")
-    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    meta: dict[str, Any] = read_json(meta_path, f"the meta.json of clustering '{clustering_id}'", hint=CLUSTER_HINT)
     return meta
 
 
 def load_centroids(ws: Workspace, clustering_id: str) -> np.ndarray:
     """(k, D) float32 unit-norm centroids of a clustering."""
-    return np.load(ws.dir("clusters", validate_name(clustering_id, "clustering id"), "centroids.npy"))
+    path = ws.dir("clusters", validate_name(clustering_id, "clustering id"), "centroids.npy")
+    return load_npy(path, f"the centroids of clustering '{clustering_id}'", hint=CLUSTER_HINT)
 
 
 def iter_assigned_embeddings(ws: Workspace, clustering_id: str) -> Iterator[tuple[int, np.ndarray]]:
@@ -272,23 +287,69 @@ def iter_assigned_embeddings(ws: Workspace, clustering_id: str) -> Iterator[tupl
         start += int(valid.sum())
 
 
+@dataclass(frozen=True)
+class _AssignedLayout:
+    """Where each assignment-table position lives: shard ``i`` holds positions ``starts[i]`` onwards, at raw
+    rows ``valid[i]`` of ``shards[i]`` (None: every row is valid, the common case)."""
+
+    starts: np.ndarray
+    valid: list[np.ndarray | None]
+    shards: list[np.ndarray]
+    dim: int
+    total: int
+
+
+#: Layouts of recently gathered clusterings, keyed by (workspace, clustering, assignments mtime).
+_LAYOUTS: dict[tuple[str, str, int], _AssignedLayout] = {}
+
+
+def _assigned_layout(ws: Workspace, clustering_id: str) -> _AssignedLayout:
+    """One validating pass over the set (memory-mapped shards kept open), cached for the process: later
+    gathers read only the rows they need instead of every shard again."""
+    from core.embed import iter_embedding_shards
+
+    path = ws.dir("clusters", validate_name(clustering_id, "clustering id"), "assignments.parquet")
+    with reading(path, f"the assignments of clustering '{clustering_id}'", hint=CLUSTER_HINT):
+        key = (str(ws.root), clustering_id, path.stat().st_mtime_ns)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    config = clustering_meta(ws, clustering_id)["config"]
+    dim = load_centroids(ws, clustering_id).shape[1]
+    starts, valid_rows, shards, start = [], [], [], 0
+    for _ids, _rows, X in iter_embedding_shards(ws, config["embedding_set"], config.get("modality")):
+        _, valid = validate_embeddings(np.asarray(X), expected_dim=dim)
+        starts.append(start)
+        valid_rows.append(None if valid.all() else np.flatnonzero(valid))
+        shards.append(X)
+        start += int(valid.sum())
+    layout = _AssignedLayout(np.asarray(starts, np.int64), valid_rows, shards, dim, start)
+    _LAYOUTS.clear()  # one clustering at a time: the memory maps of an older one are let go
+    _LAYOUTS[key] = layout
+    return layout
+
+
 def gather_embeddings(ws: Workspace, clustering_id: str, positions: np.ndarray) -> np.ndarray:
-    """(len(positions), D) float32 embeddings of the given assignment-table positions, in that order."""
+    """(len(positions), D) float32 unit-norm embeddings of the given assignment-table positions, in that
+    order; equal to the rows :func:`iter_assigned_embeddings` yields (each row is normalised on its own).
+
+    Reads only the shards and rows asked for (the first call on a clustering makes one validating pass).
+    """
     positions = np.asarray(positions, dtype=np.int64)
+    layout = _assigned_layout(ws, clustering_id)
+    if not layout.shards:
+        raise DataError(f"clustering '{clustering_id}' has no embeddings to read")
     order = np.argsort(positions, kind="stable")
     wanted = positions[order]
-    out: np.ndarray | None = None
-    total = 0
-    for start, X in iter_assigned_embeddings(ws, clustering_id):
-        total = start + len(X)
-        if out is None:
-            out = np.zeros((len(positions), X.shape[1]), np.float32)
-        lo, hi = np.searchsorted(wanted, [start, start + len(X)])
-        out[order[lo:hi]] = X[wanted[lo:hi] - start]
-    if out is None:
-        raise DataError(f"clustering '{clustering_id}' has no embeddings to read")
-    if len(wanted) and (wanted[0] < 0 or wanted[-1] >= total):
-        raise DataError(f"positions must lie in [0, {total}) for clustering '{clustering_id}'")
+    if len(wanted) and (wanted[0] < 0 or wanted[-1] >= layout.total):
+        raise DataError(f"positions must lie in [0, {layout.total}) for clustering '{clustering_id}'")
+    out = np.zeros((len(positions), layout.dim), np.float32)
+    bounds = np.searchsorted(wanted, np.append(layout.starts, layout.total))
+    for i in np.flatnonzero(np.diff(bounds)):
+        lo, hi = bounds[i], bounds[i + 1]
+        local = wanted[lo:hi] - layout.starts[i]
+        valid = layout.valid[i]
+        raw = local if valid is None else valid[local]
+        out[order[lo:hi]] = validate_embeddings(np.asarray(layout.shards[i][raw]), expected_dim=layout.dim)[0]
     return out
 
 
@@ -307,13 +368,15 @@ def cluster_members(ws: Workspace, clustering_id: str, cluster: int, *, n: int |
     if end not in MEMBER_ENDS:
         raise ConfigError(f"end must be one of {', '.join(MEMBER_ENDS)}; got {end!r}")
     path = ws.dir("clusters", validate_name(clustering_id, "clustering id"), "assignments.parquet")
-    cols = pq.read_table(path, columns=["cluster", "dist_to_centroid"])
+    cols = read_table(path, f"the assignments of clustering '{clustering_id}'", columns=["cluster", "dist_to_centroid"],
+                      hint=CLUSTER_HINT)
     labels = cols.column("cluster").to_numpy()
     pos = np.flatnonzero(labels == int(cluster))
     dist = cols.column("dist_to_centroid").to_numpy()[pos]
     order = np.lexsort((pos, dist if end == "prototypical" else -dist))
     pos = pos[order[:n] if n is not None else order]
-    picked = pq.read_table(path, columns=["id", "row"]).take(pa.array(pos))
+    picked = read_table(path, f"the assignments of clustering '{clustering_id}'", columns=["id", "row"],
+                        hint=CLUSTER_HINT).take(pa.array(pos))
     return pd.DataFrame({"pos": pos.astype(np.int64), "id": picked.column("id").to_pylist(),
                          "row": picked.column("row").to_numpy(), "cluster": int(cluster),
                          "dist_to_centroid": dist[order[: len(pos)]].astype(np.float64)})
@@ -331,7 +394,8 @@ def cluster_composition(ws: Workspace, clustering_id: str, values: pd.Series, *,
         ``(none)``. The first row per cluster is its majority value and ``share`` its purity.
     """
     path = ws.dir("clusters", validate_name(clustering_id, "clustering id"), "assignments.parquet")
-    table = pq.read_table(path, columns=["row", "cluster"])
+    table = read_table(path, f"the assignments of clustering '{clustering_id}'", columns=["row", "cluster"],
+                       hint=CLUSTER_HINT)
     rows = table.column("row").to_numpy()
     attr = values.reindex(rows).astype(object).where(lambda s: s.notna(), "(none)").astype(str).to_numpy()
     df = pd.DataFrame({"cluster": table.column("cluster").to_numpy(), "value": attr})
@@ -350,4 +414,5 @@ def list_clusterings(ws: Workspace) -> pd.DataFrame:
 
 def load_assignments(ws: Workspace, clustering_id: str) -> pd.DataFrame:
     """``id, row, cluster, dist_to_centroid`` of one clustering."""
-    return pq.read_table(ws.dir("clusters", validate_name(clustering_id, "clustering id"), "assignments.parquet")).to_pandas()
+    path = ws.dir("clusters", validate_name(clustering_id, "clustering id"), "assignments.parquet")
+    return read_table(path, f"the assignments of clustering '{clustering_id}'", hint=CLUSTER_HINT).to_pandas()

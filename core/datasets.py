@@ -43,6 +43,7 @@ from core.errors import (
     MissingFileError,
     PathOutsideWorkspace,
 )
+from core.files import read_json, read_table
 from core.sources import SOURCES, IssueReport, SampleError, Source
 from core.sources.base import INDEX_TYPES
 from core.store.catalog import utcnow
@@ -318,7 +319,8 @@ class Dataset:
 
     def _read_json(self, file: str) -> Any:
         path = self.ws.dataset_dir(self.name) / file
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        hint = f"re-register it: prunescope datasets add {self.name} ... --replace"
+        return read_json(path, f"the {file} of dataset '{self.name}'", hint=hint) if path.exists() else None
 
     @property
     def has_images(self) -> bool:
@@ -339,7 +341,9 @@ class Dataset:
         :meth:`iter_rows` to stream a large one."""
         if self._index is None:
             mapper = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}.get
-            self._index = pq.read_table(self.index_path).to_pandas(types_mapper=mapper)
+            table = read_table(self.index_path, f"the index of dataset '{self.name}'",
+                               hint=f"re-register it: prunescope datasets add {self.name} ... --replace")
+            self._index = table.to_pandas(types_mapper=mapper)
         return self._index
 
     def classes(self) -> list[str] | None:

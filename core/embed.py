@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -50,12 +50,18 @@ from core.errors import (
     MissingFileError,
     PathOutsideWorkspace,
 )
+from core.files import load_npy, read_json, read_table
 from core.runs import ProgressWriter, RunHandle, recorded_run
 from core.sources.base import SampleError, is_url
 from core.store.catalog import utcnow
 from core.workspace import Workspace, validate_name
 
+if TYPE_CHECKING:
+    from core.distributed import RayBackend
+
 log = logging.getLogger(__name__)
+#: What to do when an embedding set's shards are damaged.
+EMBED_HINT = "recompute the set: prunescope embed DATASET ... --replace"
 
 MODALITIES = ("image", "text", "both")
 DTYPES = ("float16", "float32")
@@ -397,7 +403,8 @@ class ShardBatches:
 
 # -- embedding a dataset ---------------------------------------------------------------------------
 def embed_dataset(ws: Workspace, cfg: EmbedConfig, *, progress: bool = False, fail_after_shards: int | None = None,
-                  replace: bool = False, run: RunHandle | None = None) -> EmbeddingSetInfo:
+                  replace: bool = False, run: RunHandle | None = None,
+                  backend: RayBackend | None = None) -> EmbeddingSetInfo:
     """Embed ``cfg.dataset`` with ``cfg.model`` into the set ``set_id`` (resuming finished shards).
 
     Args:
@@ -406,6 +413,8 @@ def embed_dataset(ws: Workspace, cfg: EmbedConfig, *, progress: bool = False, fa
         replace: delete an existing set of that id first (otherwise an existing set made with another
             config is an error, and one made with this config is resumed or reused).
         run: record progress into this run (a job launcher's) instead of recording a new ``embed`` run.
+        backend: compute the shards on a Ray cluster (:mod:`core.distributed`, model-holding actors);
+            None = in this process. An execution setting: the files are the same either way.
 
     Returns: the registered set. Raises: UnknownName (dataset, model), DataError (no local images,
     no captions), ConfigError (bad option, an existing set with another config), MissingFileError
@@ -431,12 +440,18 @@ def embed_dataset(ws: Workspace, cfg: EmbedConfig, *, progress: bool = False, fa
     meta = {**meta, "config": asdict(cfg), "identity": identity, "kind": "embed", "complete": False}
     atomic.write_json(set_dir / META_FILE, meta)
     with _maybe_run(ws, cfg, run) as handle:
-        clip = _load_model(cfg)
-        budget = _ShardBudget(fail_after_shards)
-        stats = {}
-        for modality in cfg.modalities:
-            stats[modality] = _embed_modality(ds, clip, cfg, modality, set_dir / modality, ranges, pending[modality],
-                                              budget=budget, progress=progress, handle=handle)
+        if backend is None:
+            clip = _load_model(cfg)
+            budget = _ShardBudget(fail_after_shards)
+            stats = {}
+            for modality in cfg.modalities:
+                stats[modality] = _embed_modality(ds, clip, cfg, modality, set_dir / modality, ranges,
+                                                  pending[modality], budget=budget, progress=progress, handle=handle)
+        else:
+            from core.distributed import embed_pending
+
+            clip, rates = embed_pending(backend, ds, cfg, set_dir, ranges, pending, progress=progress, handle=handle)
+            stats = {m: _modality_stats(set_dir / m, len(ranges), len(pending[m]), rates[m]) for m in cfg.modalities}
         meta = _final_meta(meta, cfg, stats, clip)
         atomic.write_json(set_dir / META_FILE, meta)
         info = _register(ws, set_id, meta, run_id=handle.id if handle else None)
@@ -500,7 +515,7 @@ def _open_set(ws: Workspace, set_dir: Path, set_id: str, identity: dict[str, Any
             raise AlreadyExists(f"embeddings/{set_id} holds shards but no {META_FILE}",
                                 hint="pass --replace to recompute it, or choose another --set-id")
         return {}
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_json(meta_path, f"the {META_FILE} of embedding set '{set_id}'", hint="pass --replace to recompute it")
     old = meta.get("identity", {})
     diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     if diff:
@@ -641,9 +656,6 @@ def _embed_modality(ds: Dataset, clip: Any, cfg: EmbedConfig, modality: str, fol
     """Compute the pending shards of one modality; returns counts over all its shards."""
     rate: float | None = None
     if pending:
-        rows = ImageRows(ds, clip.preprocess) if modality == "image" else CaptionRows(ds.index["caption"], clip.tokenizer)
-        loader = _loader(rows, [ranges[k] for k in pending], cfg, clip.device)
-        encode = _image_encoder(clip) if modality == "image" else clip.encode_texts
         total = sum(ranges[k][1] - ranges[k][0] for k in pending)
         progress_file = ProgressWriter(handle.dir) if handle is not None else None
         started, done = time.perf_counter(), 0
@@ -657,15 +669,31 @@ def _embed_modality(ds: Dataset, clip: Any, cfg: EmbedConfig, modality: str, fol
                                     rows_per_s=round(done / elapsed, 2))
             budget.wrote()
 
-        writer = _ShardWriter(folder, ranges, ds.index["id"], clip.embed_dim, cfg.dtype, on_written=on_written)
         unit = "img" if modality == "image" else "text"
         with tqdm(total=total, unit=unit, desc=f"embed {cfg.dataset} ({modality})", disable=not progress) as bar:
-            for positions, batch, skipped in loader:
-                _add_batch(writer, positions, batch, skipped, encode, cfg.shard_rows)
-                bar.update(len(positions))
-            writer.close()
+            embed_shards(ds, clip, cfg, modality, folder, ranges, pending, on_written=on_written, on_batch=bar.update)
         rate = total / max(time.perf_counter() - started, 1e-9)
     return _modality_stats(folder, len(ranges), len(pending), rate)
+
+
+def embed_shards(ds: Any, clip: Any, cfg: EmbedConfig, modality: str, folder: Path, ranges: list[tuple[int, int]],
+                 shards: Sequence[int], *, on_written: Any = None, on_batch: Any = None) -> None:
+    """Compute and write the given shards (increasing) of one modality: the unit of work of both backends.
+
+    Args:
+        ds: the dataset (or any object with its ``index`` and ``source``). clip: a loaded model.
+        on_written: called as ``on_written(k, index rows of shard k)`` after each shard's files exist.
+        on_batch: called with the number of index positions of each finished batch (progress).
+    """
+    rows = ImageRows(ds, clip.preprocess) if modality == "image" else CaptionRows(ds.index["caption"], clip.tokenizer)
+    loader = _loader(rows, [ranges[k] for k in shards], cfg, clip.device)
+    encode = _image_encoder(clip) if modality == "image" else clip.encode_texts
+    writer = _ShardWriter(folder, ranges, ds.index["id"], clip.embed_dim, cfg.dtype, on_written=on_written)
+    for positions, batch, skipped in loader:
+        _add_batch(writer, positions, batch, skipped, encode, cfg.shard_rows)
+        if on_batch is not None:
+            on_batch(len(positions))
+    writer.close()
 
 
 def _image_encoder(clip: Any) -> Any:
@@ -795,8 +823,9 @@ def iter_embedding_shards(ws: Workspace, set_id: str, modality: str | None = Non
     k = 0
     while shard_done(folder, k):
         npy, pq_path = shard_paths(folder, k)
-        table = pq.read_table(pq_path)
-        X = np.load(npy, mmap_mode="r" if mmap else None, allow_pickle=False)
+        what = f"shard {k} of embedding set '{set_id}' ({modality})"
+        table = read_table(pq_path, f"the ids of {what}", hint=EMBED_HINT)
+        X = load_npy(npy, f"the vectors of {what}", mmap_mode="r" if mmap else None, hint=EMBED_HINT)
         if X.shape[0] != table.num_rows:
             raise DataError(f"{npy} has {X.shape[0]} rows but {pq_path.name} lists {table.num_rows}")
         yield (np.asarray(table.column("id").to_pylist(), dtype=object),

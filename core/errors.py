@@ -80,3 +80,18 @@ class WeightsUnavailable(PrunescopeError):
     """Pretrained weights are not cached and cannot be downloaded (offline, hub unreachable)."""
 
     exit_code = 7
+
+
+class DiskFull(PrunescopeError, OSError):
+    """A write failed because the file system is full (ENOSPC), a quota is reached (EDQUOT) or the file
+    would pass the process's file size limit (EFBIG, ``ulimit -f``).
+
+    Also an :class:`OSError` (with the original ``errno``), so code that handled the raw error still does.
+    The partial file is already gone; finished work is kept, so the same command resumes once there is room.
+    """
+
+    exit_code = 8
+
+    def __init__(self, message: str, *, hint: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.errno = errno

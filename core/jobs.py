@@ -61,7 +61,7 @@ from typing import Any
 import pandas as pd
 
 from core import atomic
-from core.errors import ConfigError, PrunescopeError, UnknownName
+from core.errors import ConfigError, PathOutsideWorkspace, PrunescopeError, UnknownName
 from core.registry import ParamSpec, Registry
 from core.runs import (
     RUN_ID_ENV,
@@ -233,6 +233,8 @@ def _docstring_help(module: str, cls_name: str) -> dict[str, str]:
 #: Fields whose values are files (the form offers a path input).
 PATH_FIELDS = frozenset({"checkpoint", "vocabulary", "templates", "classnames", "cache_dir", "data", "val_data",
                          "clean_data"})
+#: Path fields a job writes to (they must stay inside the workspace: source data is never modified).
+WRITE_PATH_FIELDS = frozenset({"cache_dir"})
 
 
 def param_specs(stage_fields: Sequence[JobField], help_text: Mapping[str, str],
@@ -590,7 +592,7 @@ def plain_config(cfg: Any) -> dict[str, Any]:
 
 # -- submitting ----------------------------------------------------------------------------------------
 def submit(ws: Workspace, stage: str, params: Mapping[str, Any] | None = None, *,
-           check_refs: bool = True) -> str:
+           check_refs: bool = True, confine_paths: bool = False) -> str:
     """Queue a job; returns its run id. Nothing is written unless the parameters are valid.
 
     Args:
@@ -600,14 +602,21 @@ def submit(ws: Workspace, stage: str, params: Mapping[str, Any] | None = None, *
             job is that run (queued again under its id), whether a job or the CLI started it.
         check_refs: refuse names of datasets / embedding sets / clusterings that are not registered
             (pass False to queue a job behind the one that will make them).
+        confine_paths: refuse path parameters (:data:`PATH_FIELDS`) that resolve outside the workspace and
+            the registered dataset roots (written ones: outside the workspace), symlinks followed. The
+            dashboard submits with True; the CLI user may point at any file they can read.
 
     Raises:
         UnknownName: unknown stage, or (``check_refs``) a named dataset/set/clustering that does not exist.
         ConfigError: unknown or invalid parameters.
+        PathOutsideWorkspace: (``confine_paths``) a path parameter outside the allowed places.
     """
     entry = STAGES.entry(stage)
     job_stage = entry.obj
-    cfg, call = _validate(job_stage, dict(params or {}))
+    params = _anchor_paths(ws, dict(params or {})) if confine_paths else dict(params or {})
+    cfg, call = _validate(job_stage, params)
+    if confine_paths:
+        _confine_paths(ws, cfg)
     if check_refs:
         _check_refs(ws, job_stage, cfg)
     resumed = getattr(cfg, "run_id", None) if job_stage.resume == "run_id" else None
@@ -624,6 +633,71 @@ def submit(ws: Workspace, stage: str, params: Mapping[str, Any] | None = None, *
         _write_queued(ws, run_id, job_stage.kind, config, getattr(cfg, "seed", None), job)
     log.info("queued %s job %s", stage, run_id)
     return run_id
+
+
+#: Fields holding model specs (``[LABEL=]torchvision:ARCH``, a run id, or a checkpoint path) or a pretrained
+#: tag that may be a local weights file.
+MODEL_SPEC_FIELDS = frozenset({"models", "pretrained"})
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def _spec_path(spec: object) -> str | None:
+    """The file path inside a model spec, or None when the spec names a registry entry, tag or run id."""
+    from core.models import split_label
+
+    rest = split_label(str(spec))[1]
+    looks_like_path = "/" in rest or "\\" in rest or rest.lower().endswith(_WEIGHT_SUFFIXES)
+    return rest if looks_like_path and not rest.partition(":")[0].isidentifier() else None
+
+
+def _path_values(cfg: Any) -> Iterator[tuple[str, str]]:
+    """(field, path) of every file path in ``cfg``'s path fields and model specs."""
+    for name in sorted(PATH_FIELDS):
+        value = getattr(cfg, name, None)
+        if value is not None and str(value).strip():
+            yield name, str(value)
+    for name in sorted(MODEL_SPEC_FIELDS):
+        value = getattr(cfg, name, None)
+        for spec in (value if isinstance(value, list | tuple) else [value] if value else []):
+            path = _spec_path(spec)
+            if path:
+                yield name, path
+
+
+def _anchor_paths(ws: Workspace, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with relative file paths (path fields, paths in model specs) taken relative to the workspace
+    (a dashboard user types paths as they see them in the workspace, not relative to the server's folder)."""
+    from core.models import split_label
+
+    def anchored(path: str) -> str:
+        return path if Path(path).expanduser().is_absolute() else str(ws.root / path)
+
+    out = dict(params)
+    for name, value in params.items():
+        if name in PATH_FIELDS and isinstance(value, str) and value.strip():
+            out[name] = anchored(value.strip())
+        elif name in MODEL_SPEC_FIELDS and value:
+            specs = value.split(",") if isinstance(value, str) else list(value)
+            fixed = []
+            for spec in (str(s).strip() for s in specs):
+                path = _spec_path(spec)
+                label = split_label(spec)[0]
+                fixed.append(spec if not path else (f"{label}={anchored(path)}" if label else anchored(path)))
+            out[name] = fixed if not isinstance(value, str) or name == "models" else fixed[0]
+    return out
+
+
+def _confine_paths(ws: Workspace, cfg: Any) -> None:
+    """Raise PathOutsideWorkspace for a path in ``cfg`` outside the workspace and registered roots."""
+    roots = ws.registered_roots()
+    for name, value in _path_values(cfg):
+        try:
+            ws.safe_path(str(value), roots=[] if name in WRITE_PATH_FIELDS else roots)
+        except PathOutsideWorkspace:
+            where = "the workspace" if name in WRITE_PATH_FIELDS else "the workspace and every registered dataset root"
+            raise PathOutsideWorkspace(
+                f"parameter '{name}' = {value}: jobs launched from the dashboard only use files inside {where}; "
+                "copy the file into the workspace or launch the job from the CLI") from None
 
 
 def _write_queued(ws: Workspace, run_id: str, kind: str, config: dict[str, Any], seed: int | None,
@@ -648,7 +722,7 @@ def _params(ws: Workspace, run_id: str) -> dict[str, Any]:
     path = ws.dir("runs", validate_name(run_id, "run id")) / PARAMS_FILE
     try:
         params: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, not JSON, not UTF-8
         params = {}
     if "job" not in params:
         raise UnknownName(f"job '{run_id}' not found (no runs/{run_id}/{PARAMS_FILE} written by a job)")
@@ -739,7 +813,7 @@ def process_alive(pid: int | None, start_ticks: int | None = None) -> bool:
 def _launch_info(ws: Workspace, run_id: str) -> dict[str, Any]:
     try:
         info: dict[str, Any] = json.loads((ws.dir("runs", run_id) / JOB_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, not JSON, not UTF-8
         info = {}
     return info
 
@@ -1006,7 +1080,7 @@ def _requeue(ws: Workspace, run_id: str, job: dict[str, Any]) -> None:
     run_dir = ws.dir("runs", run_id)
     try:
         params = json.loads((run_dir / PARAMS_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, not JSON, not UTF-8
         params = {}
     resumes = int(params.get("job", {}).get("resumes", 0)) + 1
     job = {**job, "submitted_at": utcnow().isoformat(), "resumes": resumes}

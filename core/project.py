@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from core import atomic
 from core.clustering import gather_embeddings, load_assignments, load_centroids
 from core.errors import ConfigError, DataError, MissingFileError, UnknownName
+from core.files import load_npy, read_frame
 from core.workspace import Workspace, validate_name
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ def _is_fresh(ws: Workspace, clustering_id: str) -> bool:
     current = _stamp(ws, clustering_id)
     try:
         return bool(json.loads(stamp_path.read_text()) == current)
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing or damaged: the maps are recomputed
         return False
 
 
@@ -282,7 +283,7 @@ def _centroid_shape(ws: Workspace, clustering_id: str) -> tuple[int, int]:
     path = _clustering_dir(ws, clustering_id) / "centroids.npy"
     if not path.exists():
         _missing(ws, clustering_id, path)
-    k, dim = np.load(path, mmap_mode="r").shape
+    k, dim = load_npy(path, f"the centroids of clustering '{clustering_id}'", mmap_mode="r").shape
     return int(k), int(dim)
 
 
@@ -307,7 +308,8 @@ def centroid_map(ws: Workspace, clustering_id: str, cfg: MapConfig | None = None
     maps = _fresh_maps_dir(ws, clustering_id)
     path = maps / cfg.key / "centroids.parquet"
     if path.exists():
-        return pd.read_parquet(path)
+        with contextlib.suppress(DataError):  # a damaged cache is recomputed
+            return read_frame(path, "a cached centroid map")
     xy = umap_2d(load_centroids(ws, clustering_id), **asdict(cfg))
     df = pd.DataFrame({"cluster": np.arange(len(xy), dtype=np.int32), "x": xy[:, 0], "y": xy[:, 1]})
     _write(path, df, _CENTROID_SCHEMA, cfg, maps)
@@ -341,7 +343,8 @@ def member_map(ws: Workspace, clustering_id: str, cluster: int, cfg: MapConfig |
     (cluster,) = _check_clusters([cluster], _centroid_shape(ws, clustering_id)[0], clustering_id)
     path = _member_path(maps, cfg, cluster)
     if path.exists():
-        return pd.read_parquet(path)
+        with contextlib.suppress(DataError):  # a damaged cache is recomputed
+            return read_frame(path, "a cached member map")
     assignments = load_assignments(ws, clustering_id)
     pos = np.flatnonzero(assignments["cluster"].to_numpy() == cluster)
     X = gather_embeddings(ws, clustering_id, pos) if len(pos) else np.zeros((0, 0), np.float32)

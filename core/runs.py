@@ -112,7 +112,7 @@ def adopt_job_run(ws: Workspace, kind: str, params: Mapping[str, Any]) -> RunHan
     path = run_dir / "params.json"
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, not JSON, not UTF-8
         stored = {}
     atomic.write_json(path, {**stored, **params})
     ws.catalog.execute(

@@ -13,7 +13,6 @@ functions stream the set shard by shard, so memory stays bounded by one shard pl
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import ConfigError, DataError
+from core.files import read_json
 from core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def set_weights(ws: Workspace, set_id: str) -> dict[str, Any]:
 
     row = embedding_set_row(ws, set_id)
     meta_path = ws.abs(row["path"]) / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = read_json(meta_path, f"the meta.json of embedding set '{set_id}'") if meta_path.exists() else {}
     config = meta.get("config", {})
     checkpoint = config.get("checkpoint")
     # For a checkpoint the catalog's `pretrained` holds a display label of the weights, not a tag.

@@ -19,11 +19,10 @@ rows with NaN/inf/zero embeddings are left out of every comparison and flagged `
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,9 +30,15 @@ import pyarrow as pa
 
 from core import atomic
 from core.errors import ConfigError, DataError
+from core.files import read_frame, read_json
 from core.workspace import Workspace, validate_name
 
+if TYPE_CHECKING:
+    from core.distributed import RayBackend
+
 log = logging.getLogger(__name__)
+#: What to do when an analysis's files are missing or damaged.
+SIM_HINT = "run the analysis again: prunescope similarity ... --id ID"
 
 #: Metrics written to the catalog per benchmark (name -> key of SimilarityResult.summary()).
 SUMMARY_METRICS = {"share_test_pool_closer": "share_test_pool_closer", "n_pool_closer": "n_prune",
@@ -106,10 +111,12 @@ def _test_rows(ws: Workspace, set_id: str, dim: int) -> tuple[np.ndarray, np.nda
     return np.asarray(ids, dtype=object)[valid], T[valid]
 
 
-def run_similarity(ws: Workspace, cfg: SimilarityConfig) -> pd.DataFrame:
+def run_similarity(ws: Workspace, cfg: SimilarityConfig, *, backend: RayBackend | None = None) -> pd.DataFrame:
     """Analyse every benchmark; returns the summary (one row per benchmark) and registers it.
 
-    The reference set and the pool are each read once for all benchmarks together.
+    The reference set and the pool are each read once for all benchmarks together. ``backend`` runs both
+    passes on a Ray cluster, one task per shard (per-shard top-1 / per-shard statistics, reduced here;
+    :mod:`core.distributed`); the outputs are the same.
 
     Raises:
         UnknownName: a set is not registered. DataError: the sets come from different models or
@@ -124,7 +131,7 @@ def run_similarity(ws: Workspace, cfg: SimilarityConfig) -> pd.DataFrame:
     if len(set(datasets)) != len(datasets):
         raise ConfigError("two benchmark sets embed the same dataset: " + ", ".join(datasets))
     folder = ws.dir("similarity", cfg.id)
-    summaries = _analyse(ws, cfg, datasets, dim, folder)
+    summaries = _analyse(ws, cfg, datasets, dim, folder, backend)
     summary = pd.DataFrame(summaries)
     _register(ws, cfg, summary)
     atomic.write_json(folder / "meta.json", {"config": asdict(cfg), "summary": summaries})
@@ -140,26 +147,46 @@ def _check_same_model(rows: dict[str, dict[str, Any]]) -> None:
                         hint="embed the pool, the reference set and the benchmarks with the same model")
 
 
-def _analyse(ws: Workspace, cfg: SimilarityConfig, datasets: list[str], dim: int, folder: Any) -> list[dict[str, Any]]:
-    from core.similarity import closer_than_reference_many, reference_thresholds
-
+def _analyse(ws: Workspace, cfg: SimilarityConfig, datasets: list[str], dim: int, folder: Any,
+             backend: RayBackend | None = None) -> list[dict[str, Any]]:
     tests = [_test_rows(ws, b, dim) for b in cfg.benchmark_sets]
     bounds = np.cumsum([0, *(len(T) for _, T in tests)])
-    ref_ids: list[np.ndarray] = []
-    s_all, idx_all = reference_thresholds(np.concatenate([T for _, T in tests]),
-                                          _image_blocks(ws, cfg.reference_set, dim, ids_out=ref_ids))
-    s_refs = [s_all[bounds[b]:bounds[b + 1]] for b in range(len(tests))]
-    valid: list[np.ndarray] = []
-    pool_ids: list[np.ndarray] = []
-    results = closer_than_reference_many([T for _, T in tests], s_refs,
-                                         _image_blocks(ws, cfg.pool_set, dim, valid, pool_ids))
-    pool_valid, pool_all, all_ref = np.concatenate(valid), np.concatenate(pool_ids), np.concatenate(ref_ids)
+    Ts = [T for _, T in tests]
+    if backend is None:
+        s_all, idx_all, all_ref = _reference_pass(ws, cfg.reference_set, np.concatenate(Ts), dim)
+        s_refs = [s_all[bounds[b]:bounds[b + 1]] for b in range(len(tests))]
+        results, pool_valid, pool_all = _pool_pass(ws, cfg.pool_set, Ts, s_refs, dim)
+    else:
+        from core.distributed import similarity_passes
+
+        s_all, idx_all, all_ref, results, pool_valid, pool_all = similarity_passes(
+            backend, ws, cfg.reference_set, cfg.pool_set, Ts, dim)
     out = []
     for b, (dataset, (test_ids, _), result) in enumerate(zip(datasets, tests, results, strict=True)):
         ref_idx = idx_all[bounds[b]:bounds[b + 1]]
         out.append(_write_benchmark(cfg, dataset, cfg.benchmark_sets[b], folder, test_ids, all_ref[ref_idx],
                                     pool_all, pool_valid, result))
     return out
+
+
+def _reference_pass(ws: Workspace, set_id: str, T_all: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(s_ref (q,), nearest reference position (q,), ids of every reference row) in one pass."""
+    from core.similarity import reference_thresholds
+
+    ref_ids: list[np.ndarray] = []
+    s_all, idx_all = reference_thresholds(T_all, _image_blocks(ws, set_id, dim, ids_out=ref_ids))
+    return s_all, idx_all, np.concatenate(ref_ids)
+
+
+def _pool_pass(ws: Workspace, set_id: str, tests: list[np.ndarray], s_refs: list[np.ndarray],
+               dim: int) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    """(one SimilarityResult per benchmark, (n,) valid mask, (n,) ids) of the pool in one pass."""
+    from core.similarity import closer_than_reference_many
+
+    valid: list[np.ndarray] = []
+    pool_ids: list[np.ndarray] = []
+    results = closer_than_reference_many(tests, s_refs, _image_blocks(ws, set_id, dim, valid, pool_ids))
+    return results, np.concatenate(valid), np.concatenate(pool_ids)
 
 
 def _write_benchmark(cfg: SimilarityConfig, dataset: str, bench_set: str, folder: Any, test_ids: np.ndarray,
@@ -196,7 +223,7 @@ def load_similarity(ws: Workspace, analysis_id: str, benchmark: str, part: str =
     if not path.exists():
         raise DataError(f"no {part} table for benchmark '{benchmark}' in analysis '{analysis_id}' ({path})",
                         hint="run `prunescope similarity` first")
-    return pd.read_parquet(path)
+    return read_frame(path, f"the {part} table of benchmark '{benchmark}' in analysis '{analysis_id}'", hint=SIM_HINT)
 
 
 def list_analyses(ws: Workspace) -> list[str]:
@@ -209,5 +236,5 @@ def analysis_meta(ws: Workspace, analysis_id: str) -> dict[str, Any]:
     path = ws.dir("similarity", validate_name(analysis_id, "analysis id"), "meta.json")
     if not path.exists():
         raise DataError(f"similarity analysis '{analysis_id}' not found", hint="run `prunescope similarity` first")
-    meta: dict[str, Any] = json.loads(path.read_text())
+    meta: dict[str, Any] = read_json(path, f"the meta.json of similarity analysis '{analysis_id}'", hint=SIM_HINT)
     return meta

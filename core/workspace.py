@@ -117,6 +117,18 @@ class Workspace:
                 return real
         raise PathOutsideWorkspace(f"refusing to read {path}: it is outside the workspace and every registered dataset root")
 
+    def check_output(self, path: str | os.PathLike[str], *, sources: Iterable[Path] = ()) -> Path:
+        """``path`` (an output file or folder) resolved; ConfigError when it lies inside a registered dataset
+        root or one of ``sources``: prunescope never writes into source data."""
+        real = Path(os.path.realpath(Path(path).expanduser()))
+        for root in [*self.registered_roots(), *sources]:
+            base = Path(os.path.realpath(root))
+            base = base.parent if base.is_file() else base
+            if real == base or real.is_relative_to(base):
+                raise ConfigError(f"refusing to write {path}: it is inside the source data at {base}, "
+                                  "which prunescope never modifies", hint="choose an output folder outside it")
+        return real
+
 
 def safe_join(root: str | os.PathLike[str], relative: str) -> Path:
     """``root/relative`` resolved, refusing absolute parts, ``..`` escapes and symlinks pointing out."""

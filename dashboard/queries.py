@@ -258,10 +258,10 @@ def prune_context(root: str, clustering_id: str) -> Any:
 @st.cache_resource(ttl=1800, max_entries=2, show_spinner=False)
 def assignment_rows(root: str, clustering_id: str) -> Any:
     """(n,) int64 dataset index row of each clustered row (assignments order)."""
-    import pyarrow.parquet as pq
+    from core.files import read_table
 
     path = _ws(root).dir("clusters", clustering_id, "assignments.parquet")
-    return pq.read_table(path, columns=["row"]).column("row").to_numpy()
+    return read_table(path, f"the assignments of clustering '{clustering_id}'", columns=["row"]).column("row").to_numpy()
 
 
 def preview(root: str, clustering_id: str, steps: list[tuple[str, dict[str, Any]]], fraction_of: str) -> Any:
@@ -626,11 +626,12 @@ def advance_queue(root: str) -> list[str]:
 
 
 def submit_job(root: str, stage: str, params: dict[str, Any]) -> str:
-    """Queue a job (validated by :func:`core.jobs.submit`; nothing is written when it raises ConfigError or
-    UnknownName) and start it when a slot is free; returns its run id."""
+    """Queue a job (validated by :func:`core.jobs.submit`; nothing is written when it raises ConfigError,
+    UnknownName or PathOutsideWorkspace: file parameters must lie inside the workspace or a registered dataset
+    root) and start it when a slot is free; returns its run id."""
     from core import jobs
 
-    run_id = jobs.submit(_ws(root), stage, params)
+    run_id = jobs.submit(_ws(root), stage, params, confine_paths=True)
     advance_queue(root)
     runs.clear()
     return run_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -212,3 +213,20 @@ def _param_widget(spec: Any, default: Any, key: str) -> Any:
                                max_value=None if spec.max is None else cast(spec.max), key=key, help=spec.help)
     st.session_state.setdefault(key, "" if default is None else str(default))
     return st.text_input(spec.name, key=key, help=spec.help) or None
+
+
+#: Characters Markdown (and Streamlit's ``:color[...]`` / ``:icon:`` directives) may interpret.
+_MD_SPECIAL = frozenset(string.punctuation)
+
+
+def md_plain(text: object) -> str:
+    """``text`` with every ASCII punctuation character backslash-escaped, for the few elements that render
+    Markdown (``st.error``/``st.warning``/``st.info``): an error message can quote a file name, a caption or
+    what was typed into a form, and must stay text (no link, no emphasis, no directive, no HTML)."""
+    return "".join("\\" + c if c in _MD_SPECIAL else c for c in str(text))
+
+
+def show_error(exc: PrunescopeError, where: Any = None) -> None:
+    """``exc``'s one-line message as an error box (in ``where``, a container, or the page), as plain text."""
+    (where or st).error(md_plain(exc.one_line()))
+

@@ -183,3 +183,12 @@ def open_page(monkeypatch: pytest.MonkeyPatch):
         return at
 
     return run
+
+
+def shown(markdown: str) -> str:
+    """The text a Markdown source displays, backslash escapes removed (``keep\\_fraction`` -> ``keep_fraction``):
+    the dashboard escapes every punctuation character of messages that quote user text."""
+    import re
+
+    return re.sub(r"\\(.)", r"\1", markdown)
+

@@ -36,14 +36,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from core import atomic
 from core.errors import AlreadyExists, ConfigError, DataError, MissingFileError
+from core.files import read_json, read_table
 from core.prune.base import DEFAULT_CHUNK_BYTES, METHODS, PruneContext, Selection
 from core.prune.chain import FRACTION_OF, normalize_steps, run_chain
 
+#: What to do when a manifest is missing or damaged.
+PRUNE_HINT = "run the pruning again: prunescope prune CLUSTERING --id ID ... --replace"
+
 if TYPE_CHECKING:
+    from core.distributed import RayBackend
     from core.workspace import Workspace
 
 EXPORT_FORMATS = ("datacomp", "ids", "wds_keys")
@@ -121,11 +125,13 @@ class PruningInfo:
 
 
 def run_pruning(ws: Workspace, cfg: PruneConfig, *, replace: bool = False, workers: int | None = None,
-                max_chunk_bytes: int | None = None) -> PruningInfo:
+                max_chunk_bytes: int | None = None, backend: RayBackend | None = None) -> PruningInfo:
     """Run ``cfg.chain`` on the clustering, write the manifest and register it (reused when complete).
 
     ``workers`` and ``max_chunk_bytes`` are execution settings of :class:`PruneContext` (threads, and the
     float32 embedding rows read at once); they never change the result, so they are not in the config.
+    Neither does ``backend``: it runs the per-cluster work that reads embeddings (SemDeDup) on a Ray
+    cluster, grouped by cluster, with the same per-cluster functions (:mod:`core.distributed`).
 
     Raises:
         UnknownName: the clustering is not registered. AlreadyExists: ``cfg.pruning_id`` names a
@@ -136,7 +142,7 @@ def run_pruning(ws: Workspace, cfg: PruneConfig, *, replace: bool = False, worke
     parquet_path, meta_path = _paths(ws, cfg.id)
     config = cfg.to_dict()
     if meta_path.exists() and not replace:
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, f"the meta.json of pruning '{cfg.id}'", hint="pass replace=True")
         if meta.get("config") != config:
             raise AlreadyExists(f"pruning '{cfg.id}' exists with another config",
                                 hint="pass replace=True, or choose another pruning id")
@@ -145,7 +151,12 @@ def run_pruning(ws: Workspace, cfg: PruneConfig, *, replace: bool = False, worke
     ws.catalog.row("clusterings", "id", cfg.clustering_id, what="clustering")
     ctx = PruneContext.from_clustering(ws, cfg.clustering_id, seed=cfg.seed, workers=workers,
                                        max_chunk_bytes=max_chunk_bytes or DEFAULT_CHUNK_BYTES)
-    sel = run_chain(ctx, cfg.chain, fraction_of=cfg.fraction_of)
+    if backend is None:
+        sel = run_chain(ctx, cfg.chain, fraction_of=cfg.fraction_of)
+    else:
+        from core.distributed import run_chain_on_ray
+
+        sel = run_chain_on_ray(backend, ws, cfg.clustering_id, ctx, cfg.chain, fraction_of=cfg.fraction_of)
     atomic.write_parquet(parquet_path, manifest_table(ctx, sel))
     meta = _meta(cfg, config, sel, ws, parquet_path)
     atomic.write_json(meta_path, meta)
@@ -233,12 +244,14 @@ def manifest_path(ws: Workspace, pruning_id: str) -> Path:
 
 def load_manifest(ws: Workspace, pruning_id: str, *, columns: list[str] | None = None) -> pd.DataFrame:
     """The manifest as a DataFrame (all rows, kept and removed)."""
-    return pq.read_table(manifest_path(ws, pruning_id), columns=columns).to_pandas()
+    return read_table(manifest_path(ws, pruning_id), f"the manifest of pruning '{pruning_id}'", columns=columns,
+                      hint=PRUNE_HINT).to_pandas()
 
 
 def kept_ids(ws: Workspace, pruning_id: str) -> list[str]:
     """The kept ids of a pruning, in manifest order."""
-    table = pq.read_table(manifest_path(ws, pruning_id), columns=["id", "kept"])
+    table = read_table(manifest_path(ws, pruning_id), f"the manifest of pruning '{pruning_id}'", columns=["id", "kept"],
+                       hint=PRUNE_HINT)
     ids: list[str] = table.filter(table.column("kept")).column("id").to_pylist()
     return ids
 

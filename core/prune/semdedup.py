@@ -56,6 +56,13 @@ MODES = ("reference", "one_per_group")
 DUPLICATE = register_reason("semdedup:duplicate", "cos {score:.4f} to earlier member {ref}")
 DUPLICATE_GROUP = register_reason("semdedup:duplicate_group", "duplicate group kept as {ref} (max cos to earlier {score:.4f})")
 
+#: Key in ``PruneContext.shared`` of an executor that runs the per-cluster work elsewhere (the Ray backend,
+#: :class:`core.distributed.RayClusterExecutor`): ``semdedup_max_similarity(ctx, order, max_slab_bytes=)``
+#: and ``semdedup_groups(ctx, order, threshold)`` return the arrays this module computes in-process,
+#: aligned with ``ctx.rows``, from the same per-cluster functions. Subsets share ``shared``, so every
+#: step of a chain uses it.
+CLUSTER_BACKEND = "cluster_backend"
+
 #: Default bound on one block's float32 similarity slab (rows x earlier rows).
 MAX_SLAB_BYTES = 64 << 20
 _MIN_BLOCK, _MAX_BLOCK = 16, 256
@@ -267,22 +274,13 @@ class SemDeDupPlan:
 
     @classmethod
     def build(cls, ctx: PruneContext, order: str = "hard", *, max_slab_bytes: int = MAX_SLAB_BYTES) -> SemDeDupPlan:
-        """Compute M over every cluster of ``ctx`` (the only step that reads embeddings)."""
-        positions, _ = ctx.grouped(order)
-        M_g = np.full(len(positions), -np.inf, np.float32)
-        ref_g = np.full(len(positions), -1, np.int64)
-
-        def one(lo: int, hi: int, X: np.ndarray, pool: ThreadPoolExecutor | None) -> None:
-            M, A = semdedup_max_similarity(X, max_slab_bytes=max_slab_bytes, pool=pool)
-            M_g[lo:hi] = M
-            ref_g[lo:hi] = np.where(A >= 0, positions[lo + np.maximum(A, 0)], -1)
-
-        for_each_cluster(ctx, order, one)
-        at = np.searchsorted(ctx.rows, positions)
-        max_sim = np.empty_like(M_g)
-        ref = np.empty_like(ref_g)
-        max_sim[at] = M_g
-        ref[at] = ref_g
+        """Compute M over every cluster of ``ctx`` (the only step that reads embeddings), here or on the
+        context's cluster backend (:data:`CLUSTER_BACKEND`)."""
+        backend = ctx.shared.get(CLUSTER_BACKEND)
+        if backend is not None:
+            max_sim, ref = backend.semdedup_max_similarity(ctx, order, max_slab_bytes=max_slab_bytes)
+        else:
+            max_sim, ref = _max_similarity_here(ctx, order, max_slab_bytes)
         return cls(order, ctx.rows, max_sim, ref, np.sort(max_sim.astype(np.float64)))
 
     def removed_mask(self, eps: float) -> np.ndarray:
@@ -302,6 +300,26 @@ class SemDeDupPlan:
                              "fraction_kept": n_kept / max(len(self.rows), 1)})
 
 
+def _max_similarity_here(ctx: PruneContext, order: str, max_slab_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(max_sim, ref) of :class:`SemDeDupPlan`, aligned with ``ctx.rows``, computed in this process."""
+    positions, _ = ctx.grouped(order)
+    M_g = np.full(len(positions), -np.inf, np.float32)
+    ref_g = np.full(len(positions), -1, np.int64)
+
+    def one(lo: int, hi: int, X: np.ndarray, pool: ThreadPoolExecutor | None) -> None:
+        M, A = semdedup_max_similarity(X, max_slab_bytes=max_slab_bytes, pool=pool)
+        M_g[lo:hi] = M
+        ref_g[lo:hi] = np.where(A >= 0, positions[lo + np.maximum(A, 0)], -1)
+
+    for_each_cluster(ctx, order, one)
+    at = np.searchsorted(ctx.rows, positions)
+    max_sim = np.empty_like(M_g)
+    ref = np.empty_like(ref_g)
+    max_sim[at] = M_g
+    ref[at] = ref_g
+    return max_sim, ref
+
+
 def _check_eps(eps: float) -> float:
     if not 0.0 <= eps <= 1.0:
         raise ConfigError(f"eps must be in [0, 1]; got {eps}")
@@ -318,6 +336,17 @@ def semdedup_plan(ctx: PruneContext, order: str = "hard") -> SemDeDupPlan:
 
 
 def _group_selection(ctx: PruneContext, order: str, eps: float) -> Selection:
+    backend = ctx.shared.get(CLUSTER_BACKEND)
+    if backend is not None:
+        M, rep = backend.semdedup_groups(ctx, order, 1.0 - eps)
+    else:
+        M, rep = _groups_here(ctx, order, eps)
+    keep = rep == ctx.rows
+    return selection_from_mask(ctx, keep, reason_names=[DUPLICATE_GROUP], score=M, ref=np.where(keep, -1, rep))
+
+
+def _groups_here(ctx: PruneContext, order: str, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(M, rep) aligned with ``ctx.rows`` (rep = the group's kept position), computed in this process."""
     positions, _ = ctx.grouped(order)
     M_g = np.full(len(positions), -np.inf, np.float32)
     rep_g = positions.copy()
@@ -331,8 +360,7 @@ def _group_selection(ctx: PruneContext, order: str, eps: float) -> Selection:
     at = np.searchsorted(ctx.rows, positions)
     M, rep = np.empty_like(M_g), np.empty_like(rep_g)
     M[at], rep[at] = M_g, rep_g
-    keep = rep == ctx.rows
-    return selection_from_mask(ctx, keep, reason_names=[DUPLICATE_GROUP], score=M, ref=np.where(keep, -1, rep))
+    return M, rep
 
 
 @register(

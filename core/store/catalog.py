@@ -27,7 +27,8 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from core.errors import CatalogError, CatalogLocked, SchemaTooNew
+from core.atomic import disk_full_error
+from core.errors import CatalogError, CatalogLocked, DiskFull, SchemaTooNew
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ class Catalog:
         """A short-lived connection, retried with backoff while the file is locked.
 
         Read-write connections run inside one transaction, committed on success and rolled back on
-        error, so a failed write leaves the catalog as it was.
+        error, so a failed write leaves the catalog as it was; a DuckDB error that says the disk is full
+        becomes :class:`~core.errors.DiskFull`.
         """
         if read_only and not self.path.exists():
             raise CatalogError(
@@ -110,6 +112,11 @@ class Catalog:
                         con.execute("ROLLBACK")
                     raise
                 con.execute("COMMIT")
+        except duckdb.Error as exc:
+            full = _disk_full(exc, self.path)
+            if full is None:
+                raise
+            raise full from exc
         finally:
             con.close()
 
@@ -121,7 +128,8 @@ class Catalog:
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.Error as exc:
                 if not is_lock_error(exc):
-                    raise CatalogError(f"cannot open catalog {self.path}: {_first_line(exc)}") from exc
+                    full = _disk_full(exc, self.path)  # opening replays the WAL, which writes
+                    raise full or CatalogError(f"cannot open catalog {self.path}: {_first_line(exc)}") from exc
                 if time.monotonic() >= deadline:
                     raise CatalogLocked(
                         f"catalog {self.path} stayed locked for {self.lock_timeout:.0f} s",
@@ -247,8 +255,13 @@ def _insert_arrow(con: duckdb.DuckDBPyConnection, table: str, cols: list[str], r
     con.register("_prunescope_rows", data)
     try:
         con.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM _prunescope_rows")
-    finally:
-        con.unregister("_prunescope_rows")
+    except BaseException:
+        # The failed INSERT aborted the transaction, so unregister would fail too ("Current transaction is
+        # aborted") and hide the real error (e.g. a full disk).
+        with contextlib.suppress(duckdb.Error):
+            con.unregister("_prunescope_rows")
+        raise
+    con.unregister("_prunescope_rows")
     return True
 
 
@@ -265,6 +278,12 @@ def _read_version(con: duckdb.DuckDBPyConnection) -> int:
 def _check_identifier(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ValueError(f"not a plain SQL identifier: {name!r}")
+
+
+def _disk_full(exc: BaseException, path: Path) -> DiskFull | None:
+    """:class:`~core.errors.DiskFull` when a DuckDB error says the disk or the file size limit is full; the
+    transaction was rolled back, so the catalog keeps its previous rows."""
+    return disk_full_error(exc, f"the catalog {path}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ import streamlit as st
 
 from core.errors import PrunescopeError
 from dashboard import charts, queries, widgets
+from dashboard.widgets import md_plain
 
 KEY = "clusters_"  # page-local session keys carry this prefix
 GALLERY_SIZES = (6, 12, 24)
@@ -45,7 +46,7 @@ def render() -> None:
     try:
         table, composition = _cluster_table(root, cid, str(info["dataset"]))
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     _metrics(root, cid, table)
     _map_section(root, cid, table)
@@ -192,7 +193,7 @@ def _gallery(root: str, cid: str, dataset: str, cluster: int, size: int) -> None
             try:
                 rows = queries.members(root, cid, dataset, cluster, end, int(n))
             except PrunescopeError as exc:
-                st.error(exc.one_line())
+                st.error(md_plain(exc.one_line()))
                 continue
             rows["note"] = [f"1 - cos = {d:.3f}" for d in rows["dist_to_centroid"]]
             _show_samples(root, dataset, rows, key=f"{KEY}gallery_{end}")
@@ -205,7 +206,7 @@ def _show_samples(root: str, dataset: str, rows: pd.DataFrame, *, key: str) -> N
     try:
         local = queries.dataset_has_images(root, dataset)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     if local:
         widgets.thumbnail_grid(root, dataset, rows, columns=6)
@@ -226,7 +227,7 @@ def _search_section(root: str, cid: str, embedding_set: str, dataset: str, table
         with st.spinner("Encoding the query..."):
             near, samples = queries.text_search(root, cid, embedding_set, text)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     left, right = st.columns([2, 3])
     with left:

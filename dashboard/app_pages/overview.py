@@ -7,6 +7,7 @@ import streamlit as st
 
 from core.errors import PrunescopeError
 from dashboard import charts, queries, widgets
+from dashboard.widgets import md_plain
 
 N_THUMBS = 12
 
@@ -39,7 +40,7 @@ def render() -> None:
         runs = queries.runs(root)
         zeroshot = queries.zeroshot_results(root)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     _metrics(counts)
     if datasets.empty:
@@ -101,7 +102,7 @@ def _inspect_section(root: str, datasets: pd.DataFrame) -> None:
         has_images = queries.dataset_has_images(root, name)
         rows = queries.sample_rows(root, name, N_THUMBS) if has_images else None
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     if issues.empty:
         st.success("Registration skipped or repaired nothing in this dataset.")

@@ -19,6 +19,7 @@ import streamlit as st
 from core.errors import PrunescopeError
 from dashboard import charts, queries, widgets
 from dashboard.app_pages.runs import train_on_manifest_button
+from dashboard.widgets import md_plain
 
 KEY = "pruning_"
 DEDUP = "semdedup"
@@ -39,7 +40,7 @@ def render() -> None:
     try:
         prunings = queries.prunings(root)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     cid, dataset = str(info.name), str(info["dataset"])
     mine = prunings[prunings["config_json"].str.contains(json.dumps(cid), regex=False)]
@@ -129,7 +130,7 @@ def _preview(root: str, cid: str, steps: list[tuple[str, dict[str, Any]]], fract
         sel = queries.preview(root, cid, steps, fraction_of)
         ms = (time.perf_counter() - start) * 1000
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return None
     cols = st.columns(4)
     cols[0].metric("Input rows", f"{sel.n_in:,}")
@@ -211,7 +212,7 @@ def _samples(root: str, cid: str, dataset: str, positions: np.ndarray, notes: li
         index = queries.dataset_handle(root, dataset).index
         local = queries.dataset_has_images(root, dataset)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     rows = index.iloc[queries.assignment_rows(root, cid)[positions]].reset_index(drop=True)
     rows = rows.astype(object).where(rows.notna(), None)
@@ -237,7 +238,7 @@ def _save_section(root: str, cid: str, steps: list[tuple[str, dict[str, Any]]], 
             with st.spinner("Writing the manifest..."):
                 info = queries.save_pruning(root, cid, steps, fraction_of, name.strip() or None)
         except PrunescopeError as exc:
-            st.error(exc.one_line())
+            st.error(md_plain(exc.one_line()))
             return
         st.session_state[KEY + "saved"] = info.id
         st.success(f"Saved: {info.n_kept:,} of {info.n_in:,} rows kept.")
@@ -258,7 +259,7 @@ def _compare_section(root: str, prunings: pd.DataFrame) -> None:
     try:
         counts, per = queries.manifest_overlap(root, a, b)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     cols = st.columns(4)
     cols[0].metric("Kept by A", f"{counts['kept_a']:,}")

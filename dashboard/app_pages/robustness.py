@@ -21,6 +21,7 @@ from core.errors import PrunescopeError
 from core.evaluate.robustness import PROTOCOL_LABELS, PROTOCOLS
 from dashboard import queries
 from dashboard import robustness_charts as rcharts
+from dashboard.widgets import md_plain
 
 KEY = "robustness_"
 EVAL_COMMAND = "prunescope eval corruptions DATASET --model CHECKPOINT [--adapt none,bn,tent,rpl]"
@@ -43,7 +44,7 @@ def render() -> None:
         rows = queries.corruption_metrics(root)
         reference, in_catalog = queries.reference_robustness(root)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     _classification(root, rows, reference)
     _detection_section(root, reference)
@@ -61,7 +62,7 @@ def _classification(root: str, rows: pd.DataFrame, reference: pd.DataFrame) -> N
     try:
         headlines = queries.robustness_headlines(root, dataset, protocol)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     if headlines.empty:
         st.info("This dataset has no error rows, only combinations marked not applicable (below).")
@@ -175,7 +176,7 @@ def _grid(root: str, dataset: str, combo: Combo) -> tuple[pd.DataFrame, float | 
     try:
         return queries.robustness_grid(root, dataset, combo)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return None
 
 
@@ -278,7 +279,7 @@ def _detection_section(root: str, reference: pd.DataFrame) -> None:
         summary = queries.detection_summary(root)
         cells = queries.detection_metrics(root)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     published = rcharts.published_detection(reference)
     if summary.empty:

@@ -23,6 +23,7 @@ from core.errors import PrunescopeError
 from core.jobs import ACTIVE, DEFAULT_MAX_CPU, DEFAULT_MAX_GPU, STAGES, JobField, Ref
 from core.registry import ParamSpec
 from dashboard import queries
+from dashboard.widgets import md_plain
 
 KEY = "runs_"  # page-local session keys carry this prefix
 #: Seconds between refreshes of the Jobs section while a job is queued or running.
@@ -45,7 +46,6 @@ OUTPUTS: dict[str, tuple[str, str | None]] = {
     "train-clip": ("checkpoint", None),
     "train-classifier": ("checkpoint", None),
 }
-_MD_SPECIAL = "\\`*_[]<$|~#!"
 
 
 def render() -> None:
@@ -61,16 +61,11 @@ def render() -> None:
     try:
         active = _has_active(queries.jobs_table(root))
     except PrunescopeError as exc:
-        jobs.error(_md_plain(exc.one_line()))
+        jobs.error(md_plain(exc.one_line()))
         return
     with jobs:
         st.fragment(_jobs_section, run_every=REFRESH_S if active else None)(root, active)
 
-
-def _md_plain(text: str) -> str:
-    """``text`` with Markdown's special characters escaped: an error message can quote what was typed into
-    the form, and ``st.error`` renders Markdown (a typed ``[x](http://...)`` must stay text)."""
-    return "".join("\\" + c if c in _MD_SPECIAL else c for c in text)
 
 
 def _has_active(table: pd.DataFrame) -> bool:
@@ -128,13 +123,13 @@ def _queue(root: str, stage: str, params: dict[str, Any]) -> None:
     required = [s.name for s in STAGES.entry(stage).params if s.required]
     missing = [name for name in required if params.get(name) in (None, "", [])]
     if missing:
-        st.error(f"Fill in the required parameter(s): {_md_plain(', '.join(missing))}.")
+        st.error(f"Fill in the required parameter(s): {md_plain(', '.join(missing))}.")
         return
     try:
         with st.spinner("Queueing..."):
             run_id = queries.submit_job(root, stage, params)
     except PrunescopeError as exc:
-        st.error(_md_plain(exc.one_line()))
+        st.error(md_plain(exc.one_line()))
         return
     st.session_state[KEY + "job"] = run_id
     st.session_state.pop(KEY + "filled_from", None)
@@ -253,7 +248,7 @@ def _ref_widget(root: str, stage: str, spec: ParamSpec, label: str, common: dict
     try:
         names = queries.ref_names(root, ref.table, ref.key)
     except PrunescopeError as exc:
-        st.error(_md_plain(exc.one_line()))
+        st.error(md_plain(exc.one_line()))
         names = []
     current = st.session_state.get(common["key"])
     if multi:
@@ -317,7 +312,7 @@ def _jobs_section(root: str, was_active: bool) -> None:
         queries.advance_queue(root)
         table = queries.jobs_table(root)
     except PrunescopeError as exc:
-        st.error(_md_plain(exc.one_line()))
+        st.error(md_plain(exc.one_line()))
         return
     _note_ended(table)
     if _has_active(table) != was_active:
@@ -364,7 +359,7 @@ def _job(root: str, run_id: str) -> None:
     try:
         job = queries.job_detail(root, run_id)
     except PrunescopeError as exc:
-        st.error(_md_plain(exc.one_line()))
+        st.error(md_plain(exc.one_line()))
         return
     status, fraction = str(job["status"]), job.get("fraction")
     cols = st.columns(4)
@@ -377,7 +372,7 @@ def _job(root: str, run_id: str) -> None:
         st.text(str(job["message"])[-2000:])
     notice = st.session_state.pop(KEY + "notice", None)
     if notice:
-        (st.error if notice[0] == "error" else st.success)(_md_plain(notice[1]))
+        (st.error if notice[0] == "error" else st.success)(md_plain(notice[1]))
     _actions(root, job)
     if status == "done":
         _result(root, job)
@@ -438,7 +433,7 @@ def _actions(root: str, job: Mapping[str, Any]) -> None:
         try:
             stage, params = queries.rerun_params(root, run_id)
         except PrunescopeError as exc:
-            st.error(_md_plain(exc.one_line()))
+            st.error(md_plain(exc.one_line()))
             return
         _request_fill(stage, params, run_id)
 
@@ -502,7 +497,7 @@ def train_on_manifest_button(root: str, pruning_id: str | None, *, key: str) -> 
         try:
             run_id = queries.train_on_manifest(root, pruning_id)
         except PrunescopeError as exc:
-            st.error(_md_plain(exc.one_line()))
+            st.error(md_plain(exc.one_line()))
             return
         st.success(f"Queued train-clip job {run_id}: open the Runs page to follow it.",
                    icon=":material/schedule:")

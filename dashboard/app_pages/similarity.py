@@ -17,6 +17,7 @@ import streamlit as st
 from core.errors import PrunescopeError
 from dashboard import charts, queries, widgets
 from dashboard.app_pages.runs import train_on_manifest_button
+from dashboard.widgets import md_plain
 
 KEY = "similarity_"
 PAIRS_PER_PAGE = 6
@@ -44,7 +45,7 @@ def render() -> None:
     try:
         analyses = queries.similarity_analyses(root)
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     if analyses.empty:
         st.info("No similarity analysis yet. Run one with `prunescope similarity POOL_SET REFERENCE_SET "
@@ -63,7 +64,7 @@ def render() -> None:
     try:
         test = queries.similarity_part(root, analysis, str(benchmark), "test")
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     left, right = st.columns(2)
     left.plotly_chart(charts.similarity_histograms(test, benchmark=str(benchmark)), key=KEY + "hist")
@@ -108,7 +109,7 @@ def _gallery(root: str, test: pd.DataFrame, bench_set: str, pool_set: str, refer
                  "pool": queries.index_rows(root, datasets["pool"], shown["nn_pool_id"].tolist()),
                  "reference": queries.index_rows(root, datasets["reference"], shown["ref_id"].tolist())}
     except PrunescopeError as exc:
-        st.error(exc.one_line())
+        st.error(md_plain(exc.one_line()))
         return
     clusters = _clusters_of(root, pool_set)
     by_id = {role: df.set_index("id", drop=False) for role, df in found.items()}
@@ -182,7 +183,7 @@ def _prune_section(root: str, analysis: str, summary: pd.DataFrame, pool_set: st
             counts = queries.similarity_counts(root, cid, analysis)
             sel = queries.preview(root, cid, steps, "input")
     except PrunescopeError as exc:
-        results.error(exc.one_line())
+        results.error(md_plain(exc.one_line()))
         return
     with results:
         cols = st.columns(3)
@@ -203,7 +204,7 @@ def _save(root: str, cid: str, steps: list[tuple[str, dict[str, Any]]]) -> None:
             with st.spinner("Writing the manifest..."):
                 info = queries.save_pruning(root, cid, steps, "input", name.strip() or None)
         except PrunescopeError as exc:
-            st.error(exc.one_line())
+            st.error(md_plain(exc.one_line()))
             return
         st.session_state[KEY + "saved"] = info.id
         st.success(f"Saved {info.id}: {info.n_kept:,} of {info.n_in:,} rows kept.")

@@ -97,6 +97,25 @@ def test_bad_rows_are_counted_skips(ws_with_set, value):
     assert '"bad_embedding": 2' in meta
 
 
+def test_gather_reads_the_rows_the_stream_yields_and_only_them(ws_with_set, monkeypatch):
+    import core.embed
+    from core.clustering import gather_embeddings, iter_assigned_embeddings
+
+    ws, set_id = ws_with_set
+    _damage_first_shard(ws, set_id, {0: np.nan, 3: 0.0})  # skipped rows shift every later position
+    info = run_clustering(ws, ClusterConfig(embedding_set=set_id, k=4, seed=0, n_neighbors=3))
+    every = np.concatenate([X for _, X in iter_assigned_embeddings(ws, info.id)])
+    assert len(every) == info.n == 117
+    pos = np.random.default_rng(0).integers(0, info.n, 300)  # unsorted, with repeats, across every shard
+    assert np.array_equal(gather_embeddings(ws, info.id, pos), every[pos])
+    assert np.array_equal(gather_embeddings(ws, info.id, np.arange(info.n)), every)
+    # Later gathers use the cached layout: no pass over the set's shards.
+    monkeypatch.setattr(core.embed, "iter_embedding_shards", lambda *a, **k: pytest.fail("re-read every shard"))
+    assert np.array_equal(gather_embeddings(ws, info.id, pos[::-1]), every[pos[::-1]])
+    with pytest.raises(DataError, match="positions must lie"):
+        gather_embeddings(ws, info.id, np.array([info.n]))
+
+
 def test_set_without_a_valid_row_is_a_clear_error(ws_with_set):
     ws, set_id = ws_with_set
     from core.embed import embedding_set_row
