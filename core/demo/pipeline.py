@@ -431,12 +431,16 @@ def run_demo(ws: Workspace, *, size: str = "small", seed: int = 0, progress: boo
         echo: called with a line when a stage starts and ends (and, for jobs, while one is still running).
 
     Raises:
-        ConfigError: an unknown size. PrunescopeError: a stage failed (for jobs: its message and log tail;
+        ConfigError: an unknown size, or the workspace holds a demo world of another size or seed.
+        PrunescopeError: a stage failed (for jobs: its message and log tail;
             the stages already running are finished first, the ones not started are not started).
     """
+    from core.demo.world import check_world
+
     configs = [DemoStageConfig(name, size, seed) for name in STAGE_NAMES]  # validates size and seed
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ConfigError(f"parallel must be an integer >= 1; got {parallel!r}")
+    check_world(ws.dir("sources", DEMO_FOLDER), size=size, seed=seed)  # before any job: one clear error
     lines: list[str] = []
 
     def done(name: str, text: str, seconds: float) -> None:

@@ -117,6 +117,16 @@ def _named_size(size: str) -> WorldSize:
     return SIZES[size]
 
 
+def check_world(out: Path, *, size: str, seed: int) -> None:
+    """Raise ConfigError when ``out`` already holds another demo world (other size, seed or version); a
+    cheap check of the stamp, for callers that fan the build out to other processes."""
+    spec = _named_size(size)
+    config = {"version": WORLD_VERSION, "size": spec.name, "seed": seed}
+    existing = _read_json(Path(out) / "world.json") or _read_json(Path(out) / DONE / CONFIG_STAMP)
+    if existing is not None:
+        _check_same(existing, config, Path(out))
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -225,6 +225,7 @@ def for_each_cluster(ctx: PruneContext, order: str, fn: Callable[[int, int, np.n
             base = int(bounds[c0])
             X = ctx.load_embeddings(positions[base:bounds[c1]])
             _run_clusters(np.arange(c0, c1), bounds, functools.partial(_chunk_rows, X, base), fn, pool)
+            del X  # before the next chunk loads: one chunk in memory at a time, not two
 
 
 def _chunk_rows(X: np.ndarray, base: int, lo: int, hi: int) -> np.ndarray:

@@ -15,9 +15,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HEALTH_TIMEOUT_S = 90
 
 
@@ -77,17 +74,3 @@ def clusters_server(clustered_workspace, tmp_path_factory) -> Iterator[str]:
     """The dashboard on the clustered workspace (web_pool embedded, k=3, maps cached)."""
     with serve(clustered_workspace.root, tmp_path_factory.mktemp("server")) as base:
         yield base
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[object]:
-    """One headless Debian Chromium for every browser test (never a Playwright-downloaded browser)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()

@@ -399,3 +399,23 @@ def test_tiny_world_builds_with_expected_counts(tmp_path):
     assert c["reference"] == 240 and c["val"] == 120 and c["v2"] == 120 and c["detection_images"] == 40
     assert c["rendition"] == 10 * c["rendition_classes"] < c["val"]
     assert 0.03 < c["pool_exact_dups"] / c["pool"] < 0.07 and 0.015 < c["pool_junk"] / c["pool"] < 0.045
+
+
+def test_run_demo_refuses_another_world_before_starting_any_job(tmp_path):
+    """The size/seed conflict is found in the calling process (one ConfigError, exit 2 at the CLI), not
+    inside the first stage's job."""
+    from core.demo.pipeline import DEMO_FOLDER, run_demo
+    from core.demo.world import WORLD_VERSION, check_world
+    from core.errors import ConfigError
+    from core.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    world = ws.dir("sources", DEMO_FOLDER)
+    world.mkdir(parents=True, exist_ok=True)
+    (world / "world.json").write_text(json.dumps({"version": WORLD_VERSION, "size": "tiny", "seed": 0}))
+    check_world(world, size="tiny", seed=0)  # the same world: fine
+    with pytest.raises(ConfigError, match="already holds a demo world"):
+        run_demo(ws, size="small", jobs=True)
+    with pytest.raises(ConfigError, match="already holds a demo world"):
+        run_demo(ws, size="tiny", seed=1, jobs=True)
+    assert ws.catalog.query("SELECT count(*) AS n FROM runs").iloc[0]["n"] == 0

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from dashboard.app_pages import PAGES
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, serve
+from tests.browser.conftest import serve
 from tests.reliability.hostile import CLASS_NAMES, EVAL_RUN, FLAG, LONG, PAYLOADS, hostile_workspace_once
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -216,20 +216,11 @@ def hostile_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
 
 
 @pytest.fixture(scope="module")
-def hostile_context() -> Iterator[object]:
-    """One Debian Chromium and one browser context for the module (as tests/browser/conftest.py's
-    ``browser``, which is not visible from here)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(viewport={"width": 1400, "height": 2200})
-            yield context
-            context.close()
-        finally:
-            browser.close()
+def hostile_context(browser) -> Iterator[object]:
+    """One browser context on the session's Chromium (tests/conftest.py) for the module."""
+    context = browser.new_context(viewport={"width": 1400, "height": 2200})
+    yield context
+    context.close()
 
 
 # -- checks ---------------------------------------------------------------------------------------------
