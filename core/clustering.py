@@ -290,11 +290,11 @@ def iter_assigned_embeddings(ws: Workspace, clustering_id: str) -> Iterator[tupl
 @dataclass(frozen=True)
 class _AssignedLayout:
     """Where each assignment-table position lives: shard ``i`` holds positions ``starts[i]`` onwards, at raw
-    rows ``valid[i]`` of ``shards[i]`` (None: every row is valid, the common case)."""
+    rows ``valid[i]`` of shard file ``shards[i]`` (None: every row is valid, the common case)."""
 
     starts: np.ndarray
     valid: list[np.ndarray | None]
-    shards: list[np.ndarray]
+    shards: list[Path | np.ndarray]  # a .npy path (mapped per gather), or the array when it has no file
     dim: int
     total: int
 
@@ -304,8 +304,8 @@ _LAYOUTS: dict[tuple[str, str, int], _AssignedLayout] = {}
 
 
 def _assigned_layout(ws: Workspace, clustering_id: str) -> _AssignedLayout:
-    """One validating pass over the set (memory-mapped shards kept open), cached for the process: later
-    gathers read only the rows they need instead of every shard again."""
+    """One validating pass over the set, cached for the process (shard files and their valid rows): later
+    gathers map only the shards they need and read only the rows they need, instead of every shard again."""
     from core.embed import iter_embedding_shards
 
     path = ws.dir("clusters", validate_name(clustering_id, "clustering id"), "assignments.parquet")
@@ -320,7 +320,10 @@ def _assigned_layout(ws: Workspace, clustering_id: str) -> _AssignedLayout:
         _, valid = validate_embeddings(np.asarray(X), expected_dim=dim)
         starts.append(start)
         valid_rows.append(None if valid.all() else np.flatnonzero(valid))
-        shards.append(X)
+        # Keep the file name, not the map: a map held open keeps every page it touched resident (RSS).
+        filename = getattr(X, "filename", None)
+        shards.append(Path(filename) if filename else X)
+        del X
         start += int(valid.sum())
     layout = _AssignedLayout(np.asarray(starts, np.int64), valid_rows, shards, dim, start)
     _LAYOUTS.clear()  # one clustering at a time: the memory maps of an older one are let go
@@ -349,7 +352,11 @@ def gather_embeddings(ws: Workspace, clustering_id: str, positions: np.ndarray) 
         local = wanted[lo:hi] - layout.starts[i]
         valid = layout.valid[i]
         raw = local if valid is None else valid[local]
-        out[order[lo:hi]] = validate_embeddings(np.asarray(layout.shards[i][raw]), expected_dim=layout.dim)[0]
+        shard = layout.shards[i]
+        X = load_npy(shard, f"shard {i} of clustering '{clustering_id}'", mmap_mode="r",
+                     hint=CLUSTER_HINT) if isinstance(shard, Path) else shard
+        out[order[lo:hi]] = validate_embeddings(np.asarray(X[raw]), expected_dim=layout.dim)[0]
+        del X
     return out
 
 
