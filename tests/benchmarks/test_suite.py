@@ -125,7 +125,7 @@ def test_dbp_goal_at_tiny_size(suite, tiny, tmp_path):
 def test_demo_build_time_is_the_last_full_build(suite, demo_ws):
     run = suite.last_demo_build(demo_ws)
     assert run["id"] == "demo-full" and run["full"] and run["size"] == "tiny"
-    assert run["seconds"] == pytest.approx(100.0)
+    assert run["seconds"] == pytest.approx(100.0)  # read back from the fake runs table, not timed here
     row = suite.run_goal(suite.GOALS["demo_build"], suite.Context(suite.QUICK, Path("."), demo_ws))
     assert row.status == "ok" and row.ratio == pytest.approx(100.0 / 120.0) and row.met is True
 

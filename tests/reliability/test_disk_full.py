@@ -19,7 +19,6 @@ unconstrained run made.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -37,7 +36,8 @@ import pytest
 
 from core.errors import DiskFull
 from core.workspace import Workspace
-from tests.jobs.test_jobs import laion_workspace, temp_files, visible_files, write_release
+from tests.jobs.test_jobs import laion_workspace, temp_files, write_release
+from tests.reliability.test_kill_resume_stages import assert_whole
 
 pytestmark = pytest.mark.slow
 
@@ -116,18 +116,6 @@ def assert_clean_error(proc: subprocess.CompletedProcess[str], reason: str) -> s
     assert len(err.splitlines()) == 1 and err.startswith("error: disk full:"), err
     assert reason in err, err
     return err
-
-
-def assert_whole(folder: Path) -> None:
-    """No temporary file below ``folder``, and every visible file reads whole."""
-    assert not temp_files(folder), temp_files(folder)
-    for path in visible_files(folder):
-        if path.suffix == ".parquet":
-            pq.read_table(path)
-        elif path.suffix == ".npy":
-            np.load(path)
-        elif path.suffix == ".json":
-            json.loads(path.read_text())
 
 
 # -- the CLI cases ---------------------------------------------------------------------------------------------
