@@ -27,8 +27,8 @@ from tests.reliability.hostile import CLASS_NAMES, EVAL_RUN, FLAG, LONG, PAYLOAD
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-#: Why the page is not settled yet ('' when it is): no heading, a script run, stale elements, an undrawn
-#: chart or an image still loading (hidden ones, e.g. in an inactive tab, do not count).
+#: Why the page is not settled yet ('' when it is): no heading, a script run, stale elements, an element
+#: still a loading placeholder (its frontend code not loaded yet), an undrawn chart or an image still loading (hidden ones, e.g. in an inactive tab, do not count).
 BUSY = """() => {
     const main = document.querySelector('[data-testid="stMain"]');
     if (!main || !main.querySelector('h1')) return 'no heading';
@@ -37,6 +37,7 @@ BUSY = """() => {
                    || status.querySelector('[data-testid="stStatusWidgetRunningIcon"]'))) return 'running';
     if (document.querySelector('[data-stale="true"]')) return 'stale';
     const shown = e => e.offsetParent !== null;
+    if ([...document.querySelectorAll('[data-testid="stSkeleton"]')].some(shown)) return 'skeleton';
     if ([...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
             .some(c => shown(c) && !c.querySelector('.main-svg'))) return 'chart';
     if ([...document.querySelectorAll('[data-testid="stImageContainer"] img')]
