@@ -236,5 +236,13 @@ def analysis_meta(ws: Workspace, analysis_id: str) -> dict[str, Any]:
     path = ws.dir("similarity", validate_name(analysis_id, "analysis id"), "meta.json")
     if not path.exists():
         raise DataError(f"similarity analysis '{analysis_id}' not found", hint="run `prunescope similarity` first")
-    meta: dict[str, Any] = read_json(path, f"the meta.json of similarity analysis '{analysis_id}'", hint=SIM_HINT)
+    what = f"the meta.json of similarity analysis '{analysis_id}'"
+    meta: dict[str, Any] = read_json(path, what, hint=SIM_HINT)
+    config, summary = (meta.get("config"), meta.get("summary")) if isinstance(meta, dict) else (None, None)
+    if (not isinstance(config, dict) or not all(isinstance(config.get(k), str) for k in ("pool_set", "reference_set"))
+            or not isinstance(summary, list) or not summary
+            or not all(isinstance(b, dict) and isinstance(b.get("benchmark"), str)
+                       and isinstance(b.get("embedding_set"), str) for b in summary)):
+        raise DataError(f"{what} ({path}) lacks its config (pool_set, reference_set) or its per-benchmark summary",
+                        hint=SIM_HINT)
     return meta

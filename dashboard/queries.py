@@ -336,21 +336,32 @@ def semdedup_reference() -> pd.DataFrame:
 
 # -- train-test similarity --------------------------------------------------------------------------
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def similarity_analyses(root: str) -> pd.DataFrame:
-    """One row per (analysis, benchmark) of every finished similarity analysis: ``analysis, pool_set,
-    reference_set, benchmark, embedding_set, n_test, n_pool, share_test_pool_closer, n_prune,
-    share_pool_pruned, median_s_ref, median_nn_pool_sim``; newest analysis first."""
+def similarity_analyses(root: str) -> tuple[pd.DataFrame, list[str]]:
+    """``(rows, damaged)``: one row per (analysis, benchmark) of every readable similarity analysis
+    (``analysis, pool_set, reference_set, benchmark, embedding_set, n_test, n_pool, share_test_pool_closer,
+    n_prune, share_pool_pruned, median_s_ref, median_nn_pool_sim``; newest analysis first), and a one-line
+    error for each analysis whose meta.json cannot be read (the others stay usable)."""
+    from core.errors import PrunescopeError
     from core.similarity_stage import analysis_meta, list_analyses
 
     ws = _ws(root)
+    found: list[tuple[float, str, dict[str, Any]]] = []
+    damaged: list[str] = []
+    for analysis in list_analyses(ws):
+        try:
+            mtime = ws.dir("similarity", analysis, "meta.json").stat().st_mtime
+            found.append((mtime, analysis, analysis_meta(ws, analysis)))
+        except PrunescopeError as exc:
+            damaged.append(exc.one_line())
+        except OSError as exc:  # removed between the listing and the read
+            damaged.append(f"similarity analysis '{analysis}': {exc.strerror or exc}")
     rows = []
-    for analysis in sorted(list_analyses(ws), key=lambda a: -ws.dir("similarity", a, "meta.json").stat().st_mtime):
-        meta = analysis_meta(ws, analysis)
+    for _, analysis, meta in sorted(found, key=lambda f: (-f[0], f[1])):
         config = meta["config"]
         for summary in meta["summary"]:
             rows.append({"analysis": analysis, "pool_set": config["pool_set"],
                          "reference_set": config["reference_set"], **summary})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), damaged
 
 
 @st.cache_data(ttl=TTL_S, max_entries=40, show_spinner=False)
@@ -609,10 +620,12 @@ def _job_refs() -> set[tuple[str, str]]:
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def ref_names(root: str, table: str, key: str) -> list[str]:
     """The names a job parameter may take from the catalog (``datasets.name``, ``embedding_sets.id``, ...),
-    sorted; only the pairs some stage's refs declare are accepted."""
+    newest first (so a form's default is what was made last), then by name; only the pairs some stage's refs
+    declare are accepted."""
     if (table, key) not in _job_refs():
         raise ValueError(f"not a job reference: {table}.{key}")
-    df = _ws(root).catalog.query(f"SELECT DISTINCT {key} AS name FROM {table} ORDER BY name")
+    df = _ws(root).catalog.query(f"SELECT {key} AS name FROM {table} GROUP BY {key} "
+                                 "ORDER BY max(created_at) DESC NULLS LAST, name")
     return [str(v) for v in df["name"]]
 
 

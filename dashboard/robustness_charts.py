@@ -385,5 +385,8 @@ def detection_corruption_bars(means: pd.DataFrame, *, metric: str) -> go.Figure:
     fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
     fig.update_yaxes(rangemode="tozero")
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=x_all, showgrid=False, tickangle=-40)
-    return _layout(fig, title=f"{plain(metric)} per corruption, mean over severities (clean hatched; higher = better)",
-                   x_title="", y_title=f"{plain(metric)} (%)", height=460)
+    fig = _layout(fig, title=f"{plain(metric)} per corruption, mean over severities (clean hatched; higher = better)",
+                  x_title="", y_title=f"{plain(metric)} (%)", height=460)
+    # model labels are long (checkpoint paths): a vertical legend beside the bars, clear of the title
+    fig.update_layout(legend=dict(orientation="v", x=1.01, y=1, xanchor="left", yanchor="top"))
+    return fig

@@ -406,13 +406,18 @@ def _progress_text(job: Mapping[str, Any]) -> str:
 
 
 def _duration(started: Any, ended: Any) -> str:
-    """Run time so far (or in all) as ``12 s`` / ``3 min 04 s``; ``—`` before the job started."""
+    """Run time so far (or in all) as ``12 s`` / ``3m 04s`` / ``2h 05m`` (short enough for a quarter-width
+    metric); ``—`` before the job started."""
     if started is None or pd.isna(started):
         return "—"
     running = ended is None or pd.isna(ended)
     end = pd.Timestamp.now(tz="UTC").tz_localize(None) if running else pd.Timestamp(ended)
     seconds = max(0, int((end - pd.Timestamp(started)).total_seconds()))
-    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
 
 
 def _actions(root: str, job: Mapping[str, Any]) -> None:

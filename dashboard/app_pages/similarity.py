@@ -43,10 +43,12 @@ def render() -> None:
                "reference'. Pruning those samples asks whether a model's accuracy came from near copies of "
                "the test set (Mayilvahanan et al., ICLR 2024).")
     try:
-        analyses = queries.similarity_analyses(root)
+        analyses, damaged = queries.similarity_analyses(root)
     except PrunescopeError as exc:
         st.error(md_plain(exc.one_line()))
         return
+    for message in damaged:  # a damaged analysis is named, the readable ones stay usable
+        st.warning(md_plain(message))
     if analyses.empty:
         st.info("No similarity analysis yet. Run one with `prunescope similarity POOL_SET REFERENCE_SET "
                 "BENCHMARK_SET...` (embedding sets of one model; `prunescope embeddings` lists them). The demo "

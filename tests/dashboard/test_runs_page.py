@@ -97,6 +97,18 @@ def test_stage_list_is_the_registry_and_every_stage_gets_its_form(laion, open_pa
     assert n_runs(ws) == 1  # the import's run only: showing forms queues nothing
 
 
+def test_reference_fields_offer_the_newest_first(laion, open_page):
+    """An older embedding set whose name sorts first is offered, but the default is the one made last."""
+    from datetime import datetime
+
+    ws, set_id = laion
+    row = ws.catalog.query("SELECT * FROM embedding_sets WHERE id = ?", [set_id]).iloc[0].to_dict()
+    ws.catalog.insert("embedding_sets", [{**row, "id": "aaa.older.image", "created_at": datetime(2020, 1, 1)}])
+    at = open_page(PAGE, ws.root)
+    picker = at.selectbox(key="runs_p_cluster_embedding_set")
+    assert picker.options == [set_id, "aaa.older.image"] and picker.value == set_id
+
+
 @pytest.mark.parametrize(("value", "message"), [("5", "must be an integer >= k (100); got 5"),
                                                 ("ten", "must be a int; got 'ten'")])
 def test_bad_parameter_is_one_line_and_nothing_is_queued(laion, open_page, value, message):

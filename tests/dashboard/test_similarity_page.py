@@ -104,3 +104,22 @@ def test_no_analysis_says_how_to_make_one(clustered_workspace, open_page):
     at = open_page(PAGE, clustered_workspace.root)
     assert not at.error
     assert any("prunescope similarity" in i.value for i in at.info)
+
+
+def test_a_damaged_analysis_is_named_and_the_readable_one_still_opens(similarity_workspace, open_page, tmp_path):
+    from core.workspace import Workspace
+    from tests.conftest import shown
+
+    ws = Workspace(shutil.copytree(similarity_workspace.root, tmp_path / "ws"), create=False)
+    good = ws.dir("similarity", "web.vs.ref")
+    for name, text in (("aa.truncated", '{"config": {"pool_set": '), ("ab.no-summary", '{"config": {}}'),
+                       ("zz.not-a-dict", "[1, 2]")):
+        shutil.copytree(good, ws.dir("similarity", name))
+        (ws.dir("similarity", name) / "meta.json").write_text(text)
+    at = open_page(PAGE, ws.root)
+    assert not at.error and not at.exception, [e.value for e in at.error]
+    warned = " ".join(shown(w.value) for w in at.warning)
+    for name in ("aa.truncated", "ab.no-summary", "zz.not-a-dict"):
+        assert f"similarity analysis '{name}'" in warned, warned
+    assert at.selectbox(key="similarity_analysis").options == ["web.vs.ref"]
+    assert at.dataframe[0].value["test samples"].tolist() == [9]

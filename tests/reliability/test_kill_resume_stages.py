@@ -1,6 +1,7 @@
 """Reliability of the job stages that ``tests/jobs/test_kill_resume.py`` leaves out: kill -9 at random points of
-similarity, prune, eval-corruptions, train-detector and eval-detection, then resume, must give an uninterrupted
-run's outputs, and no partial file may ever be visible. (embed, cluster and train-classifier are covered there.)
+similarity, prune, eval-corruptions, train-detector, eval-detection, train-clip and eval-zeroshot, then resume,
+must give an uninterrupted run's outputs, and no partial file may ever be visible. (embed, cluster and
+train-classifier are covered there; ``demo`` runs the other stages' code.)
 
 Each stage runs once uninterrupted (the reference), then as a job that is killed (SIGKILL to its process group)
 ``PRUNESCOPE_KILL_TRIALS`` times (default 1) at points drawn from a generator seeded by ``PRUNESCOPE_KILL_SEED``
@@ -14,9 +15,12 @@ which continue from their finished domains or their last checkpoint) until done.
   Their outputs must equal the reference's: the same parquet rows, meta.json but for the ids, catalog rows.
 - eval-corruptions and eval-detection: killed after a random number of domains (plus a random part of the next);
   the resumed run's per-domain results and its ``metrics`` rows equal the reference's exactly.
-- train-detector: killed after a random number of steps; tolerance: the final weights equal the uninterrupted
-  run's exactly (the checkpoint restores model, optimiser, schedule and torch RNG, and batch k is a function of
-  the seed and k; one CPU thread in both), the final train-loss metric within 1e-6 (relative).
+- train-detector and train-clip (AnInfoNCE): killed after a random number of steps; tolerance: the final weights
+  (and for CLIP the loss's lam and logit scale) equal the uninterrupted run's exactly (the checkpoint restores
+  model, optimiser, schedule and torch RNG, and batch k is a function of the seed and k; one CPU thread in both),
+  the final train-loss metric within 1e-6 (relative).
+- eval-zeroshot (embeds its dataset, then scores it): killed at a random time like similarity; re-run, its
+  metric rows equal a reference job's exactly, and the killed attempts left no rows behind.
 
 The torch stages' references run in this process (the same library call a job makes, with the same single CPU
 thread) to save an interpreter start; similarity's and prune's run as jobs, whose duration sets the kill window.
@@ -382,3 +386,81 @@ def test_detection_grid_killed_at_random_points_resumes_to_identical_results(det
     same_rows(results, ws.dir("runs", reference) / "results.parquet", ["model", "corruption", "severity"])
     pd.testing.assert_frame_equal(metric_rows(ws, victim), metric_rows(ws, reference), check_exact=True)
     assert not temp_files(ws.dir("runs", victim))
+
+
+# -- (f) train-clip: a captioned image folder ------------------------------------------------------------------
+CLIP_STEPS = 12
+
+
+def test_clip_training_killed_at_random_points_resumes_to_the_uninterrupted_weights(tmp_path):
+    import torch
+
+    from core.train.clip import TrainClipConfig, train_clip
+    from tests.train.conftest import build_captioned_workspace
+
+    captioned = build_captioned_workspace(tmp_path)
+    ws = captioned.ws
+    params = {"dataset": captioned.dataset, "loss": "aninfonce", "steps": CLIP_STEPS, "batch_size": 4,
+              "warmup_steps": 2, "checkpoint_every": 2, "log_every": 1, "seed": 5, "device": "cpu",
+              "cpu_threads": 1}
+    reference = train_clip(ws, TrainClipConfig(**params))  # in this process, one thread like the job
+    assert reference.finished
+
+    victim = jobs.submit(ws, "train-clip", params)
+    ckpts = ws.dir("runs", victim, "checkpoints")
+
+    def checkpoint_step() -> int:
+        last = ckpts / "last.pt"
+        return int(torch.load(last, map_location="cpu", weights_only=True)["step"]) if last.exists() else 0
+
+    kill_trials_by_progress(ws, victim, CLIP_STEPS, SEED + 15, restart=checkpoint_step)
+
+    final = [torch.load(ws.dir("runs", r, "checkpoints", "last.pt"), map_location="cpu", weights_only=True)
+             for r in (reference.run_id, victim)]
+    assert final[0]["step"] == final[1]["step"] == CLIP_STEPS
+    assert final[0]["state_dict"].keys() == final[1]["state_dict"].keys()
+    for name, tensor in final[0]["state_dict"].items():
+        assert torch.equal(tensor, final[1]["state_dict"][name]), name
+    for name, tensor in final[0]["loss"].items():  # AnInfoNCE's lam and the logit scale
+        assert torch.equal(tensor, final[1]["loss"][name]), name
+    losses = ws.catalog.query("SELECT run_id, value FROM metrics WHERE metric = 'train_loss_final'")
+    by_run = dict(zip(losses.run_id, losses.value, strict=True))
+    assert by_run[victim] == pytest.approx(by_run[reference.run_id], rel=1e-6)
+    assert not temp_files(ws.dir("runs", victim))
+    assert "last.pt" in [p.name for p in visible_files(ckpts)]
+
+
+# -- (g) eval-zeroshot: a labelled, captioned image folder ------------------------------------------------------
+def test_zeroshot_evaluation_killed_at_random_points_resumes_to_identical_metrics(tmp_path):
+    from PIL import Image
+
+    from core.datasets import register_dataset
+
+    rng = np.random.default_rng(0)
+    colours = {"red_square": (220, 30, 30), "blue_square": (30, 30, 220), "green_square": (30, 200, 30)}
+    for cls, rgb in colours.items():
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(150):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 30, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / "src" / cls / f"{i}.png")
+            (tmp_path / "src" / cls / f"{i}.txt").write_text(f"a {cls.replace('_', ' ')} number {i}")
+    empty = Workspace(tmp_path / "empty")
+    register_dataset(empty, "colours", "image_folder", tmp_path / "src", role="benchmark")
+    params = {"datasets": ["colours"], "batch_size": 32, "device": "cpu", "model_label": "tiny"}
+
+    ws_ref = copy_workspace(empty.root, tmp_path / "ref")  # the reference as a job too: same threads
+    reference = jobs.submit(ws_ref, "eval-zeroshot", params)
+    stage_s = timed_reference(ws_ref, reference)
+    expected = ws_ref.catalog.query("SELECT dataset, metric, value FROM metrics WHERE run_id = ? "
+                                    "ORDER BY dataset, metric", [reference])
+    assert len(expected) > 5 and "i2t_recall@1" in set(expected.metric)
+
+    ws = copy_workspace(empty.root, tmp_path / "victim")
+    run_id = kill_trials_by_time(ws, lambda _again: jobs.submit(ws, "eval-zeroshot", params), ws.root, stage_s,
+                                 SEED + 16)
+    got = ws.catalog.query("SELECT dataset, metric, value FROM metrics WHERE run_id = ? ORDER BY dataset, metric",
+                           [run_id])
+    pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    rows = ws.catalog.query("SELECT count(*) AS n FROM metrics WHERE model = 'tiny'")["n"].item()
+    assert rows == len(expected)  # every killed attempt's rows replaced, none duplicated
+    assert_whole(ws.dir("embeddings"))
