@@ -126,12 +126,14 @@ class JobField:
 
 @dataclass(frozen=True)
 class Ref:
-    """A config field naming a catalog row that must exist: ``table.key`` (``what`` for messages)."""
+    """A config field naming a catalog row that must exist: ``table.key`` (``what`` for messages). ``role``:
+    the dataset role (pool, reference, benchmark) whose rows a launch form offers first, if any."""
 
     field: str
     table: str
     key: str
     what: str
+    role: str | None = None
 
 
 @dataclass(frozen=True)
@@ -386,7 +388,7 @@ _register(
     "core.embed:EmbedConfig", kind="embed", run=_run_embed, records_itself=False, resume="idempotent",
     resource=lambda c: _device_resource(c.device),
     outputs=lambda c, _id: [f"embeddings/{c.set_id}"],
-    refs=(Ref("dataset", "datasets", "name", "dataset"),), call_options=(_REPLACE,),
+    refs=(Ref("dataset", "datasets", "name", "dataset", role="pool"),), call_options=(_REPLACE,),
     overrides={"model": {"default": "demo-vit-tiny"}, "modality": {"choices": ("image", "text", "both")},
                "dtype": {"choices": ("float16", "float32")},
                "precision": {"choices": _PRECISIONS}, "batch_size": {"min": 1}, "num_workers": {"min": 0},
@@ -399,7 +401,7 @@ _register(
     resume="idempotent",
     resource=lambda c: "gpu" if c.gpu else "cpu",
     outputs=lambda c, _id: [f"clusters/{c.id}"],
-    refs=(Ref("embedding_set", "embedding_sets", "id", "embedding set"),), call_options=(_REPLACE,),
+    refs=(Ref("embedding_set", "embedding_sets", "id", "embedding set", role="pool"),), call_options=(_REPLACE,),
     overrides={"k": {"min": 2}, "niter": {"min": 1}, "n_neighbors": {"min": 1}, "fit_sample": {"min": 2},
                "modality": {"choices": (None, "image", "text")}},
     example={"embedding_set": "pool.demo-vit-tiny.image", "k": 8},
@@ -417,16 +419,16 @@ _register(
     "similarity", "train-test similarity of a pool against a reference set, per benchmark (CLIP-OOD)",
     "core.similarity_stage:SimilarityConfig", kind="similarity", run=_run_similarity, records_itself=False,
     resume="idempotent", resource=lambda c: "cpu", outputs=lambda c, _id: [f"similarity/{c.id}"],
-    refs=(Ref("pool_set", "embedding_sets", "id", "embedding set"),
-          Ref("reference_set", "embedding_sets", "id", "embedding set"),
-          Ref("benchmark_sets", "embedding_sets", "id", "embedding set")),
+    refs=(Ref("pool_set", "embedding_sets", "id", "embedding set", role="pool"),
+          Ref("reference_set", "embedding_sets", "id", "embedding set", role="reference"),
+          Ref("benchmark_sets", "embedding_sets", "id", "embedding set", role="benchmark")),
     example={"pool_set": "pool.image", "reference_set": "ref.image", "benchmark_sets": "bench.image"},
 )
 _register(
     "train-clip", "train CLIP (InfoNCE or AnInfoNCE) with checkpoints",
     "core.train.clip:TrainClipConfig", kind="train-clip", stop_at_record=True, run=_run_train_clip,
     records_itself=True, resume="run_id", resource=lambda c: _device_resource(c.device), outputs=_run_folder,
-    refs=(Ref("dataset", "datasets", "name", "dataset"),),
+    refs=(Ref("dataset", "datasets", "name", "dataset", role="pool"),),
     overrides={"loss": {"choices": ("infonce", "aninfonce")}, "precision": {"choices": _PRECISIONS},
                "steps": {"min": 1}, "batch_size": {"min": 2}, "warmup_steps": {"min": 0},
                "checkpoint_every": {"min": 0}, "keep_checkpoints": {"min": 0}, "num_workers": {"min": 0},
@@ -457,7 +459,7 @@ _register(
     "eval-zeroshot", "zero-shot top-1/top-5, per-class accuracy and retrieval recall of a CLIP model",
     "core.evaluate.zeroshot:ZeroShotConfig", kind="eval_zeroshot", run=_run_zeroshot, records_itself=True,
     resume="idempotent", resource=lambda c: _device_resource(c.device), outputs=_run_folder,
-    refs=(Ref("datasets", "datasets", "name", "dataset"),),
+    refs=(Ref("datasets", "datasets", "name", "dataset", role="benchmark"),),
     overrides={"batch_size": {"min": 1}, "num_workers": {"min": 0}},
     example={"datasets": "val_bench", "device": "cpu"},
 )
@@ -465,7 +467,8 @@ _register(
     "eval-corruptions", "error per corruption x severity x adaptation method; mCE and relative mCE",
     "core.evaluate.corruption:CorruptionEvalConfig", kind="eval-corruptions", run=_run_corruptions,
     records_itself=True, resume="run_id", resource=lambda c: _device_resource(c.device), outputs=_run_folder,
-    refs=(Ref("dataset", "datasets", "name", "dataset"), Ref("clean_dataset", "datasets", "name", "dataset")),
+    refs=(Ref("dataset", "datasets", "name", "dataset", role="benchmark"),
+          Ref("clean_dataset", "datasets", "name", "dataset", role="benchmark")),
     overrides={"setting": {"choices": ("reset", "continual")}, "batch_size": {"min": 1}, "limit": {"min": 1},
                "corrupt_size": {"min": 32}, "num_workers": {"min": 0}},
     example={"dataset": "val_bench", "models": "runs/x/checkpoints/last.pt", "severities": "1,5",

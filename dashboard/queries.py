@@ -618,14 +618,23 @@ def _job_refs() -> set[tuple[str, str]]:
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def ref_names(root: str, table: str, key: str) -> list[str]:
-    """The names a job parameter may take from the catalog (``datasets.name``, ``embedding_sets.id``, ...),
-    newest first (so a form's default is what was made last), then by name; only the pairs some stage's refs
-    declare are accepted."""
+def ref_names(root: str, table: str, key: str, role: str | None = None) -> list[str]:
+    """The names a job parameter may take from the catalog (``datasets.name``, ``embedding_sets.id``, ...):
+    those of datasets with ``role`` first (an embedding set by its dataset's role), then newest first (so a
+    form's default is what was made last), then by name. Only the pairs some stage's refs declare are
+    accepted."""
     if (table, key) not in _job_refs():
         raise ValueError(f"not a job reference: {table}.{key}")
-    df = _ws(root).catalog.query(f"SELECT {key} AS name FROM {table} GROUP BY {key} "
-                                 "ORDER BY max(created_at) DESC NULLS LAST, name")
+    if table == "embedding_sets":
+        source, role_of = "embedding_sets t LEFT JOIN datasets d ON d.name = t.dataset", "d.role"
+    elif table == "datasets":
+        source, role_of = "datasets t", "t.role"
+    else:
+        source, role_of = f"{table} t", "NULL"
+    df = _ws(root).catalog.query(
+        f"SELECT t.{key} AS name FROM {source} GROUP BY t.{key} "
+        f"ORDER BY bool_or(coalesce({role_of} = ?, false)) DESC, max(t.created_at) DESC NULLS LAST, name",
+        [role])
     return [str(v) for v in df["name"]]
 
 

@@ -246,7 +246,7 @@ def _ref_widget(root: str, stage: str, spec: ParamSpec, label: str, common: dict
     ref = _ref(stage, spec.name)
     assert ref is not None
     try:
-        names = queries.ref_names(root, ref.table, ref.key)
+        names = queries.ref_names(root, ref.table, ref.key, ref.role)
     except PrunescopeError as exc:
         st.error(md_plain(exc.one_line()))
         names = []

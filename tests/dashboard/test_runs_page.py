@@ -97,16 +97,25 @@ def test_stage_list_is_the_registry_and_every_stage_gets_its_form(laion, open_pa
     assert n_runs(ws) == 1  # the import's run only: showing forms queues nothing
 
 
-def test_reference_fields_offer_the_newest_first(laion, open_page):
-    """An older embedding set whose name sorts first is offered, but the default is the one made last."""
+def test_reference_fields_offer_the_stage_role_then_the_newest_first(laion, open_page):
+    """Clustering offers the pool's embedding sets first, newest first: not an older set whose name sorts
+    first, nor a newer set of a benchmark."""
     from datetime import datetime
 
     ws, set_id = laion
+    assert ws.catalog.query("SELECT role FROM datasets WHERE name = 'pool'")["role"].item() == "pool"
     row = ws.catalog.query("SELECT * FROM embedding_sets WHERE id = ?", [set_id]).iloc[0].to_dict()
-    ws.catalog.insert("embedding_sets", [{**row, "id": "aaa.older.image", "created_at": datetime(2020, 1, 1)}])
+    ws.catalog.insert("datasets", [{**ws.catalog.query("SELECT * FROM datasets WHERE name = 'pool'").iloc[0].to_dict(),
+                                    "name": "bench", "role": "benchmark"}])
+    ws.catalog.insert("embedding_sets", [{**row, "id": "aaa.older.image", "created_at": datetime(2020, 1, 1)},
+                                         {**row, "id": "bench.newer.image", "dataset": "bench",
+                                          "created_at": datetime(2099, 1, 1)}])
     at = open_page(PAGE, ws.root)
     picker = at.selectbox(key="runs_p_cluster_embedding_set")
-    assert picker.options == [set_id, "aaa.older.image"] and picker.value == set_id
+    assert picker.options == [set_id, "aaa.older.image", "bench.newer.image"] and picker.value == set_id
+    at.selectbox(key="runs_stage").set_value("similarity").run()
+    assert at.selectbox(key="runs_p_similarity_reference_set").options[0] == "bench.newer.image"  # no reference role
+    assert at.multiselect(key="runs_p_similarity_benchmark_sets").options[0] == "bench.newer.image"
 
 
 @pytest.mark.parametrize(("value", "message"), [("5", "must be an integer >= k (100); got 5"),
