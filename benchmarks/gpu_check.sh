@@ -15,7 +15,7 @@ timeout 120 $PY benchmarks/embed.py --model ViT-B-32 --device cuda --n 4096 --ba
   --num-workers "$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))" --image-size 256 --repeats 2 || echo "EMBED BENCHMARK FAILED"
 echo "== k-means: clustering stage vs raw faiss, 1M x 512, k=1000 (faiss GPU when faiss-gpu is installed)"
 timeout 100 $PY benchmarks/cluster.py --n 1000000 --k 1000 --no-sklearn || echo "CLUSTER BENCHMARK FAILED"
-echo "== SemDeDup rows/s (ours vs the reference code path), 1M rows in 1000 clusters"
+echo "== SemDeDup rows/s (ours on the GPU by torch vs the numpy reference on the CPU), 1M rows in 1000 clusters"
 timeout 100 $PY benchmarks/prune.py --n 1000000 --clusters 1000 --repeats 1 --big-cluster 0 --skip-qp \
   || echo "PRUNE BENCHMARK FAILED"
 echo "== corrupted vs clean evaluation: resnet50 on the GPU (corruption stays on the CPU)"

@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dup-fraction", type=float, default=0.1)
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--workers", type=int, default=None, help="threads of ours (default: CPU count)")
+    p.add_argument("--device", default=None,
+                   help="where ours runs SemDeDup's products: auto (default: a CUDA GPU when torch sees one) | cpu | cuda")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each SemDeDup side (best per group)")
     p.add_argument("--groups", type=int, default=10, help="cluster groups the SemDeDup sides alternate over")
     p.add_argument("--no-torch", action="store_true", help="skip the torch (reference code path) row")
@@ -168,7 +170,8 @@ def bench_semdedup(args: argparse.Namespace, X16: np.ndarray, labels: np.ndarray
     n = len(X16)
     dist = distances(X16, labels, C)
     ids = np.array([f"{i:09d}" for i in range(n)], dtype=object)
-    ctx = PruneContext.from_arrays(ids, labels, dist, C, X16, workers=args.workers)
+    ctx = PruneContext.from_arrays(ids, labels, dist, C, X16, workers=args.workers,
+                                   device=getattr(args, "device", None))
     t0 = time.perf_counter()
     positions, bounds = ctx.grouped("hard")
     t_group = time.perf_counter() - t0

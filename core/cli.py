@@ -325,6 +325,8 @@ def prune(
     backend: Annotated[str, typer.Option(help="local | ray (run on a Ray cluster, see --address)")] = "local",
     address: Annotated[str | None, typer.Option(help="with --backend ray: auto (the running cluster) | local "
                                                      "(a Ray on this machine) | HOST:PORT [default: auto]")] = None,
+    device: Annotated[str, typer.Option(help="where SemDeDup's pairwise products run: auto (a CUDA GPU when "
+                                             "there is one) | cpu | cuda | cuda:N")] = "auto",
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Prune a clustering with a chain of methods; writes manifests/<id>.parquet (kept + removed with reasons)."""
@@ -333,7 +335,7 @@ def prune(
 
     cfg = PruneConfig(clustering_id=clustering, chain=[_parse_step(s) for s in step], seed=seed,
                       fraction_of=fraction_of, pruning_id=pruning_id)
-    info = run_pruning(_ws(workspace), cfg, replace=replace, backend=make_backend(backend, address))
+    info = run_pruning(_ws(workspace), cfg, replace=replace, backend=make_backend(backend, address), device=device)
     typer.echo(f"pruning {info.id}: kept {info.n_kept:,} of {info.n_in:,} ({info.n_kept / max(info.n_in, 1):.1%})")
     for reason, count in sorted(info.meta.get("removed_by_reason", {}).items()):
         if count:

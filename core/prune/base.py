@@ -215,6 +215,9 @@ class PruneContext:
             analysis aligned with the rows (:mod:`core.prune.similarity`); None when there is none.
         workers: threads for per-cluster work (None = the CPU count); an execution setting that never
             changes a result.
+        device: where SemDeDup's pairwise products run: None / ``auto`` = a CUDA GPU when torch sees one,
+            else numpy on the CPU; ``cpu``; ``cuda`` / ``cuda:N``. An execution setting: M differs by float
+            rounding only (a removal can change only for a similarity within ~1e-6 of the threshold).
     """
 
     ids: np.ndarray
@@ -228,6 +231,7 @@ class PruneContext:
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     workers: int | None = None
     similarity_source: Callable[[str | None], Any] | None = None
+    device: str | None = None
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     shared: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -237,7 +241,7 @@ class PruneContext:
                     centroids: np.ndarray, embeddings: np.ndarray | EmbeddingSource | None = None,
                     clip_scores: np.ndarray | None = None, seed: int = 0,
                     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None,
-                    similarity: Any = None) -> PruneContext:
+                    similarity: Any = None, device: str | None = None) -> PruneContext:
         """A context over arrays (tests, notebooks, benchmarks); all rows active.
 
         Args:
@@ -245,7 +249,7 @@ class PruneContext:
             assigned centroid. centroids: (k, D). embeddings: (n, D) rows (float16 is fine; they are
             re-normalised per block) or an EmbeddingSource. clip_scores: (n,) image-caption cosine,
             NaN where a row has no caption embedding. seed: for random choices. max_chunk_bytes,
-            workers: execution settings (see the class attributes). similarity: a
+            workers, device: execution settings (see the class attributes). similarity: a
             :class:`core.prune.similarity.SimilarityTable` of these rows (or a SimilaritySource).
 
         Raises:
@@ -266,11 +270,12 @@ class PruneContext:
         sim_source = similarity if similarity is None or callable(similarity) else (lambda _analysis: similarity)
         return cls(ids_arr, labels_arr.astype(np.int64), dist_arr, cents, np.arange(len(ids_arr), dtype=np.int64),
                    seed=int(seed), embeddings=source, clip_source=clip, max_chunk_bytes=max_chunk_bytes,
-                   workers=workers, similarity_source=sim_source)
+                   workers=workers, similarity_source=sim_source, device=device)
 
     @classmethod
     def from_clustering(cls, ws: Workspace, clustering_id: str, *, seed: int = 0,
-                        max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None) -> PruneContext:
+                        max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None,
+                        device: str | None = None) -> PruneContext:
         """A context over a registered clustering's rows (``assignments.parquet`` order).
 
         Embeddings are streamed from the clustering's embedding set only when a method needs them
@@ -284,7 +289,8 @@ class PruneContext:
         parts = workspace_context_parts(ws, clustering_id)
         return cls(parts.ids, parts.labels, parts.dist, parts.centroids, np.arange(len(parts.ids), dtype=np.int64),
                    seed=int(seed), embeddings=parts.embeddings, clip_source=parts.clip_scores,
-                   max_chunk_bytes=max_chunk_bytes, workers=workers, similarity_source=parts.similarity)
+                   max_chunk_bytes=max_chunk_bytes, workers=workers, similarity_source=parts.similarity,
+                   device=device)
 
     def subset(self, rows: np.ndarray) -> PruneContext:
         """The same context restricted to ``rows`` (original positions, a subset of the active rows).

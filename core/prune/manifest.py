@@ -125,11 +125,13 @@ class PruningInfo:
 
 
 def run_pruning(ws: Workspace, cfg: PruneConfig, *, replace: bool = False, workers: int | None = None,
-                max_chunk_bytes: int | None = None, backend: RayBackend | None = None) -> PruningInfo:
+                max_chunk_bytes: int | None = None, backend: RayBackend | None = None,
+                device: str | None = None) -> PruningInfo:
     """Run ``cfg.chain`` on the clustering, write the manifest and register it (reused when complete).
 
-    ``workers`` and ``max_chunk_bytes`` are execution settings of :class:`PruneContext` (threads, and the
-    float32 embedding rows read at once); they never change the result, so they are not in the config.
+    ``workers``, ``max_chunk_bytes`` and ``device`` are execution settings of :class:`PruneContext` (threads,
+    the float32 embedding rows read at once, and where SemDeDup's products run: a CUDA GPU by default when
+    torch sees one); they do not change the result beyond float rounding, so they are not in the config.
     Neither does ``backend``: it runs the per-cluster work that reads embeddings (SemDeDup) on a Ray
     cluster, grouped by cluster, with the same per-cluster functions (:mod:`core.distributed`).
 
@@ -137,8 +139,11 @@ def run_pruning(ws: Workspace, cfg: PruneConfig, *, replace: bool = False, worke
         UnknownName: the clustering is not registered. AlreadyExists: ``cfg.pruning_id`` names a
         pruning made with another config (pass ``replace=True``). ConfigError / DataError from the methods.
     """
+    from core.prune.semdedup import pairwise_device
     from core.store.catalog import utcnow
 
+    if device is not None:
+        pairwise_device(device)  # a bad device name fails here, before any work
     parquet_path, meta_path = _paths(ws, cfg.id)
     config = cfg.to_dict()
     if meta_path.exists() and not replace:
@@ -150,7 +155,7 @@ def run_pruning(ws: Workspace, cfg: PruneConfig, *, replace: bool = False, worke
             return _info(ws, cfg.id, meta)
     ws.catalog.row("clusterings", "id", cfg.clustering_id, what="clustering")
     ctx = PruneContext.from_clustering(ws, cfg.clustering_id, seed=cfg.seed, workers=workers,
-                                       max_chunk_bytes=max_chunk_bytes or DEFAULT_CHUNK_BYTES)
+                                       max_chunk_bytes=max_chunk_bytes or DEFAULT_CHUNK_BYTES, device=device)
     if backend is None:
         sel = run_chain(ctx, cfg.chain, fraction_of=cfg.fraction_of)
     else:

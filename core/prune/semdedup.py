@@ -22,7 +22,10 @@ and answers any eps in O(n) and a whole eps -> kept curve from one sort. M is co
 of the lower triangle only (block vs all earlier rows with one matrix product, the block's own
 triangle with a symmetric product plus a mask), so a block's similarity slab stays under
 ``max_slab_bytes`` whatever the cluster size. Clusters (or, for a large cluster, its row blocks) run
-on ``ctx.workers`` threads with single-threaded BLAS each.
+on ``ctx.workers`` threads with single-threaded BLAS each. On a GPU (``ctx.device``: a CUDA GPU when torch
+sees one, unless ``cpu`` is asked for), M is computed per cluster by torch in float32 row blocks of up to
+:data:`GPU_SLAB_BYTES` (full float32: TF32 is switched off for these products); M then differs from the
+CPU path by float rounding only. The one_per_group mode's duplicate graph always runs on the CPU.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ CLUSTER_BACKEND = "cluster_backend"
 
 #: Default bound on one block's float32 similarity slab (rows x earlier rows).
 MAX_SLAB_BYTES = 64 << 20
+#: Bound on one block's similarity slab on a GPU (a 1,000-member cluster is one block; 100k members: ~38).
+GPU_SLAB_BYTES = 1 << 30
 _MIN_BLOCK, _MAX_BLOCK = 16, 256
 #: Clusters at least this large are split into row blocks run in parallel (others run whole, in parallel).
 _LARGE_CLUSTER = 16_384
@@ -129,6 +134,69 @@ def semdedup_max_similarity(X: np.ndarray, *, max_slab_bytes: int = MAX_SLAB_BYT
     else:  # biggest blocks (the last ones) first, for balance
         list(pool.map(lambda s: _block_max(X, s, min(s + b, m), M, A), reversed(starts)))
     return M, A
+
+
+def pairwise_device(device: str | None) -> Any:
+    """The torch device SemDeDup's pairwise products run on, or None for the numpy path on the CPU.
+
+    None / ``auto``: the first CUDA GPU when torch sees one, else None. ``cpu``: None. ``cuda`` / ``cuda:N``
+    (or ``mps``): that device, checked by :func:`core.models.select_device` (ConfigError when it is absent).
+    """
+    name = (device or "auto").strip().lower()
+    if name == "cpu":
+        return None
+    if name == "auto":
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a core dependency
+            return None
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    from core.models import select_device
+
+    chosen = select_device(name)
+    return None if chosen.type == "cpu" else chosen
+
+
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """torch matrix products in full float32 while inside (no TF32: it would move M by ~1e-3)."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def semdedup_max_similarity_torch(X: np.ndarray, device: Any, *,
+                                  max_slab_bytes: int = GPU_SLAB_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`semdedup_max_similarity` computed by torch on ``device`` (a GPU; any torch device works).
+
+    Each row block is multiplied with all rows up to its end in one product, entries on and above the
+    diagonal are masked, and the row max and its first argmax are taken (the earliest member on ties, as
+    the CPU path). Returns numpy ``(M, A)`` as :func:`semdedup_max_similarity` does.
+    """
+    import torch
+
+    m = X.shape[0]
+    if m == 0:
+        return np.empty(0, np.float32), np.empty(0, np.int64)
+    T = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(device)
+    M = torch.empty(m, dtype=torch.float32, device=device)
+    A = torch.empty(m, dtype=torch.int64, device=device)
+    b = int(max(1, min(m, max_slab_bytes // (4 * m))))
+    index = torch.arange(m, device=device)
+    with torch.no_grad(), _full_float32():
+        for s in range(0, m, b):
+            e = min(s + b, m)
+            S = T[s:e] @ T[:e].T
+            S.masked_fill_(index[:e][None, :] >= index[s:e][:, None], float("-inf"))
+            M[s:e], A[s:e] = S.max(dim=1)
+    M_np, A_np = M.cpu().numpy(), A.cpu().numpy()
+    A_np[np.isneginf(M_np)] = -1
+    return M_np, A_np
 
 
 def _lower_slabs(X: np.ndarray, max_slab_bytes: int) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -306,9 +374,13 @@ def _max_similarity_here(ctx: PruneContext, order: str, max_slab_bytes: int) -> 
     positions, _ = ctx.grouped(order)
     M_g = np.full(len(positions), -np.inf, np.float32)
     ref_g = np.full(len(positions), -1, np.int64)
+    device = pairwise_device(ctx.device)
 
     def one(lo: int, hi: int, X: np.ndarray, pool: ThreadPoolExecutor | None) -> None:
-        M, A = semdedup_max_similarity(X, max_slab_bytes=max_slab_bytes, pool=pool)
+        if device is not None:
+            M, A = semdedup_max_similarity_torch(X, device)
+        else:
+            M, A = semdedup_max_similarity(X, max_slab_bytes=max_slab_bytes, pool=pool)
         M_g[lo:hi] = M
         ref_g[lo:hi] = np.where(A >= 0, positions[lo + np.maximum(A, 0)], -1)
 

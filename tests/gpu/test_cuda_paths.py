@@ -53,3 +53,17 @@ def test_train_clip_on_cuda_with_amp(captioned, precision):
     res = train_clip(captioned, TrainClipConfig(dataset="toy", steps=4, batch_size=16, warmup_steps=1,
                                                 device="cuda", precision=precision, checkpoint_every=2))
     assert res.finished and np.isfinite(res.final_loss) and res.checkpoint.exists()
+
+
+def test_semdedup_on_cuda_matches_cpu():
+    from core.prune import PruneContext, select
+    from core.prune.semdedup import pairwise_device
+    from tests.prune.conftest import make_planted
+
+    assert pairwise_device(None) is not None and pairwise_device(None).type == "cuda"
+    p = make_planted(k=6, per=400, dim=64, n_dups=200)
+    ctx = {d: PruneContext.from_arrays(p.ids, p.labels, p.dist, p.centroids, p.X, device=d) for d in ("cpu", "cuda")}
+    cpu, gpu = (select(ctx[d], "semdedup", eps=0.05) for d in ("cpu", "cuda"))
+    assert len(cpu.removed) > 50
+    assert (gpu.kept == cpu.kept).all() and (gpu.ref == cpu.ref).all()
+    assert np.allclose(gpu.score, cpu.score, atol=1e-5)

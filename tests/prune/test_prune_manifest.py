@@ -93,3 +93,16 @@ def test_config_validation_and_datacomp_uid_check():
         datacomp_uids(["r0001"])
     uid = "0123456789abcdef" + "fedcba9876543210"
     assert datacomp_uids([uid]).tolist() == [(0x0123456789ABCDEF, 0xFEDCBA9876543210)]
+
+
+def test_device_setting_runs_and_a_bad_device_fails_before_any_work(clustered_ws):
+    ws, cid = clustered_ws
+    cfg = PruneConfig(clustering_id=cid, chain=[("semdedup", {"eps": 0.05})], pruning_id="on-cpu")
+    on_cpu = run_pruning(ws, cfg, device="cpu")
+    auto = run_pruning(ws, PruneConfig(clustering_id=cid, chain=[("semdedup", {"eps": 0.05})], pruning_id="auto"),
+                       device="auto")
+    assert on_cpu.n_kept == auto.n_kept and (on_cpu.selection.kept == auto.selection.kept).all()
+    with pytest.raises(ConfigError, match="unknown device"):
+        run_pruning(ws, PruneConfig(clustering_id=cid, chain=["random"], pruning_id="never"), device="tpu")
+    assert not ws.dir("manifests", "never.parquet").exists()
+    assert ws.catalog.query("SELECT count(*) AS n FROM prunings WHERE id = 'never'")["n"].item() == 0

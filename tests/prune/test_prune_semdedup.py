@@ -170,3 +170,57 @@ def test_nan_embedding_is_a_one_line_data_error(planted):
     with pytest.raises(DataError, match="r0007.*NaN") as exc:
         select(ctx, "semdedup", eps=0.05)
     assert "\n" not in exc.value.one_line()
+
+
+# -- the torch path (a GPU's; run here on the CPU) -----------------------------------------------------------
+def test_torch_kernel_matches_full_matrix_across_block_sizes():
+    import torch
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(500, 24)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    X[300] = X[7]  # exact duplicates: the earliest member wins the tie, as on the CPU path
+    X[420] = X[7]
+    S = X.astype(np.float64) @ X.astype(np.float64).T
+    want_M = np.array([-np.inf] + [S[:j, j].max() for j in range(1, 500)])
+    want_A = np.array([-1] + [int(S[:j, j].argmax()) for j in range(1, 500)])
+    cpu_M, cpu_A = semdedup_max_similarity(X)
+    for slab in (4 * 500 * 7, 4 * 500 * 64, 1 << 30):  # 7-row blocks, 64-row blocks, one block
+        max_sim, arg = semdedup_module.semdedup_max_similarity_torch(X, torch.device("cpu"), max_slab_bytes=slab)
+        assert max_sim.dtype == np.float32 and arg.dtype == np.int64
+        assert np.allclose(max_sim, want_M, atol=1e-5) and (arg == want_A).all()
+        assert np.abs(max_sim[1:] - cpu_M[1:]).max() < 1e-6 and (arg == cpu_A).all()
+    assert arg[300] == 7 and arg[420] == 7 and arg[0] == -1 and np.isneginf(max_sim[0])
+    one_M, one_A = semdedup_module.semdedup_max_similarity_torch(X[:1], torch.device("cpu"))
+    assert np.isneginf(one_M).all() and (one_A == -1).all()
+
+
+def test_a_context_on_a_torch_device_gives_the_same_pruning(planted, monkeypatch):
+    import torch
+
+    base = select(planted.context(device="cpu"), "semdedup", eps=0.05)
+    asked: list[str | None] = []
+
+    def torch_cpu(device):
+        asked.append(device)
+        return torch.device("cpu")  # what a GPU would get, run by torch on this machine
+
+    monkeypatch.setattr(semdedup_module, "pairwise_device", torch_cpu)
+    on_torch = select(planted.context(device="cuda"), "semdedup", eps=0.05)
+    assert asked == ["cuda"]
+    assert (on_torch.kept == base.kept).all() and (on_torch.removed == base.removed).all()
+    assert (on_torch.ref == base.ref).all() and np.allclose(on_torch.score, base.score, atol=1e-6)
+
+
+def test_device_names():
+    import torch
+
+    from core.errors import ConfigError
+
+    assert semdedup_module.pairwise_device("cpu") is None
+    if not torch.cuda.is_available():
+        assert semdedup_module.pairwise_device(None) is None and semdedup_module.pairwise_device("auto") is None
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            semdedup_module.pairwise_device("cuda")
+    with pytest.raises(ConfigError, match="unknown device"):
+        semdedup_module.pairwise_device("tpu")
