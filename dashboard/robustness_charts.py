@@ -192,6 +192,8 @@ def _our_bars(fig: go.Figure, ours: pd.DataFrame, *, col: int | None) -> None:
         text = [("" if not math.isfinite(v) else _fmt(v) + ("<br>partial" if p else "")) for v, p in
                 zip(values, partial, strict=True)]
         trace = go.Bar(name=plain(method), x=x_all, y=values, text=text, textposition="outside",
+                       textangle=-90 if len(methods) >= 3 else 0,  # narrow bars: upright labels would overlap
+                       constraintext="none", textfont=dict(size=10), cliponaxis=False,
                        marker=dict(color=adaptation_color(method, methods),
                                    pattern=dict(shape=[PARTIAL_PATTERN if p else "" for p in partial])),
                        hovertemplate="%{x}<br>" + plain(method) + ": %{y:.2f}<extra></extra>")
