@@ -42,6 +42,19 @@ def make_image(path: Path, seed: int, size: int = 96) -> None:
     img.save(path)
 
 
+def load_script(path: Path, name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is a folder of scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_small_workspace(root: Path, *, with_run: bool = True):
     """A workspace with three image-folder datasets (returns the Workspace).
 

@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from core.workspace import Workspace
+from tests.conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "suite.py"
 
 
 @pytest.fixture(scope="module")
 def suite():
-    """benchmarks/suite.py as a module (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_suite", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/suite.py as a module."""
+    return load_script(SCRIPT, "bench_suite")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +11,15 @@ import pytest
 from core.datasets import open_dataset
 from core.embed import load_embeddings
 from core.workspace import Workspace
+from tests.conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "synthetic.py"
 
 
 @pytest.fixture(scope="module")
 def synthetic():
-    """benchmarks/synthetic.py as a module (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_synthetic", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/synthetic.py as a module."""
+    return load_script(SCRIPT, "bench_synthetic")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -54,13 +53,10 @@ from tests.jobs.test_jobs import (
     wait_started,
     write_release,
 )
-from tests.jobs.test_kill_resume import after_kill, kill_after_progress
+from tests.jobs.test_kill_resume import SEED, TRIALS, after_kill, kill_after_progress
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
-
-SEED = int(os.environ.get("PRUNESCOPE_KILL_SEED", "0"))
-TRIALS = int(os.environ.get("PRUNESCOPE_KILL_TRIALS", "1"))
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +80,23 @@ def assert_whole(folder: Path) -> None:
             import torch
 
             torch.load(path, map_location="cpu", weights_only=True)
+
+
+def colour_folder(root: Path, colours: dict[str, tuple[int, int, int]], *, per_class: int, px: int, noise: float,
+                  name: str = "{cls}_{i}.png", captions: bool = False) -> None:
+    """A labelled image folder under ``root``: ``per_class`` noisy ``px``-pixel squares of each class's colour
+    (seeded), optionally with a ``.txt`` caption naming the class beside each image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, rgb in colours.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            arr = np.clip(np.array(rgb) + rng.normal(0, noise, size=(px, px, 3)), 0, 255).astype(np.uint8)
+            path = root / cls / name.format(cls=cls, i=i)
+            Image.fromarray(arr).save(path)
+            if captions:
+                path.with_suffix(".txt").write_text(f"a {cls.replace('_', ' ')} number {i}")
 
 
 def timed_reference(ws: Workspace, run_id: str) -> float:
@@ -279,19 +292,13 @@ N_DOMAINS = 1 + len(CORRUPTIONS) * len(SEVERITIES)
 
 def test_corruption_grid_killed_at_random_points_resumes_to_identical_results(tmp_path):
     import torch
-    from PIL import Image
 
     from core.classifiers import build_classifier, save_classifier
     from core.datasets import register_dataset
     from core.evaluate.corruption import CorruptionEvalConfig, evaluate_corruptions
 
-    rng = np.random.default_rng(0)
     colours = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
-    for name, rgb in colours.items():
-        (tmp_path / "src" / name).mkdir(parents=True)
-        for j in range(20):
-            arr = np.clip(np.array(rgb) + rng.normal(0, 25, size=(40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(tmp_path / "src" / name / f"{name}_{j}.png")
+    colour_folder(tmp_path / "src", colours, per_class=20, px=40, noise=25)
     ws = Workspace(tmp_path / "ws")
     register_dataset(ws, "shapes", "image_folder", tmp_path / "src", role="benchmark")
     torch.manual_seed(0)
@@ -432,18 +439,10 @@ def test_clip_training_killed_at_random_points_resumes_to_the_uninterrupted_weig
 
 # -- (g) eval-zeroshot: a labelled, captioned image folder ------------------------------------------------------
 def test_zeroshot_evaluation_killed_at_random_points_resumes_to_identical_metrics(tmp_path):
-    from PIL import Image
-
     from core.datasets import register_dataset
 
-    rng = np.random.default_rng(0)
     colours = {"red_square": (220, 30, 30), "blue_square": (30, 30, 220), "green_square": (30, 200, 30)}
-    for cls, rgb in colours.items():
-        (tmp_path / "src" / cls).mkdir(parents=True)
-        for i in range(150):
-            arr = np.clip(np.array(rgb) + rng.normal(0, 30, (48, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(tmp_path / "src" / cls / f"{i}.png")
-            (tmp_path / "src" / cls / f"{i}.txt").write_text(f"a {cls.replace('_', ' ')} number {i}")
+    colour_folder(tmp_path / "src", colours, per_class=150, px=48, noise=30, name="{i}.png", captions=True)
     empty = Workspace(tmp_path / "empty")
     register_dataset(empty, "colours", "image_folder", tmp_path / "src", role="benchmark")
     params = {"datasets": ["colours"], "batch_size": 32, "device": "cpu", "model_label": "tiny"}
